@@ -1,0 +1,319 @@
+"""``pupick``: the command line over the same core the napari plugin uses.
+
+Every sub-command reads files, calls :mod:`napari_pupick.pipeline` (or the core) and writes files; nothing else.
+Coordinates on the command line and in files are in ORIGINAL micrograph pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+EPILOG = """\
+A typical session:
+  pupick train micrographs/ --labels my_clicks.star --radius 30 --downsample 4 \\
+        --expected 150 --holdout 0.2 -o model.pt
+  pupick extract micrographs/ --model model.pt -o picks.star
+  pupick evaluate picks.star --truth ground_truth.star --radius 15
+  pupick convert picks.star picks_relion/ --per-micrograph --threshold 0
+Run the whole loop on built-in synthetic data:  pupick demo
+"""
+
+
+def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
+    g = p.add_argument_group("compute")
+    if device:
+        g.add_argument("--device", default="auto",
+                       help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:1, mps [default: auto]")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch [default: $PUPICK_THREADS or 1 per process]")
+    g.add_argument("--seed", type=int, default=0, help="random seed [default: 0]")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pupick",
+        description="Positive-unlabeled particle picking for cryo-EM micrographs (Topaz's method). "
+        "Label a few particles, train, pick the rest.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from napari_pupick import __version__
+
+    parser.add_argument("--version", action="version", version=f"napari-pupick {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    mic_help = "micrograph files (.mrc, .mrcs, .tif) or folders of them"
+
+    p = sub.add_parser("normalize", help="downsample and normalize micrographs (writes MRC files)",
+                       description="Downsample (Fourier cropping) and normalize micrographs; writes one MRC per "
+                       "micrograph and preprocess.json with the fitted mixture, reusable at prediction.")
+    p.add_argument("micrographs", nargs="+", help=mic_help)
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--downsample", "-s", type=int, default=1, help="integer binning factor [default: 1]")
+    p.add_argument("--method", choices=["gmm", "affine", "none"], default="gmm",
+                   help="gmm: two-component mixture shared by all micrographs (carbon vs ice); "
+                   "affine: (x - mean) / std [default: gmm]")
+    _add_common(p, device=False)
+
+    p = sub.add_parser("train", help="train a picker from a few labelled particles",
+                       description="Train a positive-unlabeled CNN from sparse particle labels. Every micrograph "
+                       "given contributes unlabeled regions; labelled ones also positives.")
+    p.add_argument("micrographs", nargs="+", help=mic_help)
+    p.add_argument("--labels", "-l", required=True,
+                   help="coordinates of labelled particles (.star, .csv, Topaz .txt, .box, or a folder of "
+                   "per-micrograph .star files)")
+    p.add_argument("--negatives", help="coordinates of rejected picks (explicit negatives), same formats")
+    p.add_argument("--radius", "-r", type=float, required=True, help="particle radius in original pixels")
+    p.add_argument("--downsample", "-s", type=int, default=1,
+                   help="integer binning factor; aim for a particle radius of about 6-15 binned pixels")
+    p.add_argument("--normalize", dest="method", choices=["gmm", "affine", "none"], default="gmm",
+                   help="micrograph normalization [default: gmm]")
+    p.add_argument("--expected", "-n", type=float, default=None,
+                   help="expected particles per micrograph (sets the class prior pi) [default: guess from "
+                   "label density]")
+    p.add_argument("--objective", choices=["ge-binomial", "ge-kl", "nnpu", "pn"], default="ge-binomial",
+                   help="training objective [default: ge-binomial]")
+    p.add_argument("--model", default="conv3", help="conv3 or resnet8 [default: conv3]")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs")
+    p.add_argument("--steps", type=int, default=None, help="minibatches per epoch")
+    p.add_argument("--autoencoder", type=float, default=None,
+                   help="autoencoder regularization weight gamma (0 = off; helps below ~250 labels)")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of labelled micrographs held out to report average precision per epoch")
+    p.add_argument("--init", help="checkpoint to continue training from")
+    p.add_argument("-o", "--output", required=True, help="checkpoint file to write (.pt)")
+    _add_common(p)
+
+    p = sub.add_parser("extract", help="pick particles with a trained model",
+                       description="Score micrographs with a trained model and extract picks by non-maximum "
+                       "suppression. Writes every pick above --threshold with its score (a logit): filter by "
+                       "score later (pupick convert --threshold).")
+    p.add_argument("micrographs", nargs="+", help=mic_help)
+    p.add_argument("--model", "-m", required=True, help="checkpoint from pupick train")
+    p.add_argument("-o", "--output", required=True,
+                   help="output coordinates (.star, .csv, .txt, .box) or a folder with --per-micrograph")
+    p.add_argument("--radius", "-r", type=float, default=None,
+                   help="NMS radius in original pixels [default: the model's particle radius]")
+    p.add_argument("--threshold", "-t", type=float, default=-6.0, help="logit threshold [default: -6]")
+    p.add_argument("--margin", type=float, default=0.0, help="drop picks this close to the edge (original px)")
+    p.add_argument("--tta", action="store_true", help="average scores over four 90-degree rotations")
+    p.add_argument("--per-micrograph", action="store_true",
+                   help="one STAR file per micrograph in the output folder (RELION's coordinate import)")
+    p.add_argument("--box-size", type=float, default=None, help="box size for .box output [default: 2 x radius]")
+    p.add_argument("--scheduler", default=None,
+                   help="dask.distributed scheduler address to spread micrographs over many machines")
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="average precision of picks against reference coordinates",
+                       description="Match picks to reference particles within a radius (each reference matched "
+                       "once) and report average precision, precision at 90%% recall and the F2-optimal "
+                       "threshold. Only micrographs present in the reference are evaluated.")
+    p.add_argument("picks", help="picks with scores")
+    p.add_argument("--truth", required=True, help="reference particle coordinates")
+    p.add_argument("--radius", "-r", type=float, required=True, help="match radius in original pixels")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+
+    p = sub.add_parser("convert", help="convert coordinates between STAR, CSV, Topaz .txt and EMAN .box",
+                       description="Read coordinates in any known format and write them in another, optionally "
+                       "keeping only picks with score >= --threshold.")
+    p.add_argument("input", help="input coordinates (file, or folder of per-micrograph STAR files)")
+    p.add_argument("output", help="output file, or folder with --per-micrograph")
+    p.add_argument("--threshold", "-t", type=float, default=None, help="keep picks with score >= this")
+    p.add_argument("--per-micrograph", action="store_true", help="one STAR file per micrograph")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply coordinates by this factor")
+    p.add_argument("--box-size", type=float, default=None, help="box size for .box output")
+
+    p = sub.add_parser("demo", help="run the whole loop headless on synthetic sample data",
+                       description="Make synthetic micrographs, take sparse labels, train, extract, evaluate, "
+                       "and write STAR files and a PNG of the picks.")
+    p.add_argument("-o", "--output", default="demo_out", help="output folder [default: demo_out]")
+    p.add_argument("--micrographs", type=int, default=8, help="number of synthetic micrographs [default: 8]")
+    p.add_argument("--labels", type=int, default=40, help="labelled particles [default: 40]")
+    _add_common(p)
+    return parser
+
+
+def _threads(args) -> int:
+    n = args.threads or int(os.environ.get("PUPICK_THREADS", "1") or 1)
+    from napari_pupick.predict import set_threads
+
+    set_threads(n)
+    return n
+
+
+def _read_micrographs(specs, quiet=False):
+    from tqdm.auto import tqdm
+
+    from napari_pupick.io import list_micrographs, micrograph_name, read_micrograph
+
+    paths = list_micrographs(specs)
+    images = [read_micrograph(p) for p in tqdm(paths, desc="read", unit="mic", disable=quiet)]
+    return paths, [micrograph_name(p) for p in paths], images
+
+
+def cmd_normalize(args) -> int:
+    import mrcfile
+    from tqdm.auto import tqdm
+
+    from napari_pupick.preprocess import Preprocessor
+
+    paths, names, images = _read_micrographs(args.micrographs, args.quiet)
+    pre = Preprocessor(downsample=args.downsample, method=args.method).fit(images)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, image in tqdm(list(zip(names, images)), desc="normalize", unit="mic", disable=args.quiet):
+        target = out / f"{name}.mrc"
+        tmp = target.with_suffix(".mrc.tmp")
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(pre.transform(image).astype("float32"))
+        os.replace(tmp, target)
+    (out / "preprocess.json").write_text(json.dumps(pre.to_dict(), indent=2))
+    print(f"wrote {len(names)} normalized micrographs and preprocess.json to {out}")
+    return 0
+
+
+def _guess_expected(labels, names) -> float:
+    counts = labels.groupby("micrograph").size()
+    return float(max(counts.max() if len(counts) else 1, 1) * 1.0)
+
+
+def cmd_train(args) -> int:
+    from napari_pupick.io import read_coordinates
+    from napari_pupick.pipeline import split_holdout, train_picker
+    from napari_pupick.training import Checkpoint
+
+    _threads(args)
+    paths, names, images = _read_micrographs(args.micrographs, args.quiet)
+    labels = read_coordinates(args.labels)
+    negatives = read_coordinates(args.negatives) if args.negatives else None
+    expected = args.expected
+    if expected is None:
+        expected = _guess_expected(labels, names)
+        print(f"--expected not given: assuming {expected:g} particles per micrograph (the most labelled on one)")
+    holdout = split_holdout(names, labels, args.holdout, seed=args.seed)
+    config = {k: v for k, v in dict(model=args.model, objective=args.objective, epochs=args.epochs,
+                                      steps_per_epoch=args.steps, autoencoder=args.autoencoder,
+                                      seed=args.seed, device=args.device).items() if v is not None}
+    init = Checkpoint.load(args.init) if args.init else None
+    t0 = time.perf_counter()
+    ckpt = train_picker(images, names, labels, radius=args.radius, downsample=args.downsample,
+                        normalization=args.method, expected_particles=expected, negatives=negatives,
+                        holdout=holdout, init=init, progress=not args.quiet, **config)
+    ckpt.save(args.output)
+    msg = f"trained in {time.perf_counter() - t0:.1f} s; wrote {args.output}"
+    ap = (ckpt.metrics or {}).get("heldout_ap")
+    if ap is not None:
+        msg += f"; held-out AP {ap:.3f} on {', '.join(holdout)}"
+    print(msg)
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from tqdm.auto import tqdm
+
+    from napari_pupick.io import list_micrographs, write_coordinates
+    from napari_pupick.pipeline import Picker, _concat, pick_distributed
+
+    threads = _threads(args)
+    paths = list_micrographs(args.micrographs)
+    kw = dict(radius=args.radius, threshold=args.threshold, margin=args.margin)
+    if args.scheduler:
+        from dask.distributed import Client
+
+        with Client(args.scheduler) as client:
+            picks = pick_distributed(Path(args.model).resolve(), paths, client, device=args.device, tta=args.tta,
+                                     threads=threads, **kw)
+    else:
+        picker = Picker(args.model, device=args.device, tta=args.tta)
+        tables = [t for _, t in tqdm(picker.iter_files(paths, **kw), total=len(paths), desc="extract",
+                                     unit="mic", disable=args.quiet)]
+        picks = _concat(tables)
+    box = args.box_size
+    if box is None and str(args.output).endswith(".box"):
+        box = 2 * (args.radius or Picker(args.model, device="cpu").particle_radius)
+    written = write_coordinates(picks, args.output, per_micrograph=args.per_micrograph, box_size=box)
+    n_out = len(written) if isinstance(written, list) else 1
+    print(f"{len(picks)} picks from {len(paths)} micrographs -> {args.output} ({n_out} file(s))")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from napari_pupick.io import read_coordinates
+    from napari_pupick.metrics import evaluate
+
+    picks = read_coordinates(args.picks)
+    truth = read_coordinates(args.truth)
+    names = set(truth["micrograph"])
+    picks = picks[picks["micrograph"].isin(names)]
+    if picks["score"].isna().all():
+        picks = picks.assign(score=0.0)
+    result = evaluate(picks, truth, args.radius)
+    result = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in result.items()}
+    for k, v in result.items():
+        print(f"{k:>18}: {v:.4g}" if isinstance(v, float) else f"{k:>18}: {v}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from napari_pupick.io import read_coordinates, write_coordinates
+
+    table = read_coordinates(args.input)
+    if args.threshold is not None:
+        table = table[table["score"] >= args.threshold]
+    if args.scale != 1.0:
+        table = table.assign(x=table["x"] * args.scale, y=table["y"] * args.scale)
+    write_coordinates(table, args.output, per_micrograph=args.per_micrograph, box_size=args.box_size)
+    print(f"{len(table)} coordinates -> {args.output}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from napari_pupick.demo import run_demo
+
+    _threads(args)
+    run_demo(args.output, n_micrographs=args.micrographs, n_labels=args.labels, seed=args.seed,
+             device=args.device, progress=not args.quiet)
+    return 0
+
+
+COMMANDS = {
+    "normalize": cmd_normalize,
+    "train": cmd_train,
+    "extract": cmd_extract,
+    "evaluate": cmd_evaluate,
+    "convert": cmd_convert,
+    "demo": cmd_demo,
+}
+
+
+def main(argv=None) -> int:
+    """Entry point of ``pupick`` and ``python -m napari_pupick``."""
+    from napari_pupick.errors import PupickError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except (PupickError, FileNotFoundError) as exc:
+        print(f"pupick {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"pupick {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The whole picking job as plain functions over the core: prepare, train, pick, evaluate.
+
+This is the one entry point that the command line, the napari loop and scripts share:
+
+>>> from napari_pupick.pipeline import Picker, train_picker
+>>> ckpt = train_picker(paths, labels, radius=30, downsample=4, expected_particles=150)   # doctest: +SKIP
+>>> picks = Picker(ckpt).pick_files(paths)                                               # doctest: +SKIP
+
+Coordinates in and out of this module are in ORIGINAL micrograph pixels (x = column, y = row); the binned grid
+the network sees stays inside.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from napari_pupick.errors import CoordinateError, TrainingError
+
+__all__ = [
+    "Picker",
+    "prepare_images",
+    "labels_to_binned",
+    "train_picker",
+    "training_run",
+    "pick_distributed",
+    "split_holdout",
+]
+
+
+def prepare_images(raw_images: Sequence[np.ndarray], preprocessor, fit: bool = True) -> list[np.ndarray]:
+    """Downsample and normalize raw micrographs (fitting the preprocessor on them first when ``fit``)."""
+    if fit:
+        preprocessor.fit(raw_images)
+    return [preprocessor.transform(im) for im in raw_images]
+
+
+def labels_to_binned(labels: pd.DataFrame, factor: int, names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Scale a pick table from original to binned pixels (x / factor, y / factor), keeping known micrographs."""
+    table = labels.copy()
+    if names is not None:
+        table = table[table["micrograph"].isin(list(names))]
+    table["x"] = table["x"].astype(float) / factor
+    table["y"] = table["y"].astype(float) / factor
+    return table.reset_index(drop=True)
+
+
+def split_holdout(names: Sequence[str], labels: pd.DataFrame, fraction: float, seed: int = 0) -> list[str]:
+    """Choose labelled micrographs to hold out for per-epoch average precision.
+
+    Takes ``round(fraction * n_labelled)`` of the micrographs that have labels (at least one when ``fraction > 0``
+    and at least two micrographs are labelled, so one always remains to train on).
+    """
+    labelled = [n for n in names if n in set(labels["micrograph"])]
+    if fraction <= 0 or len(labelled) < 2:
+        return []
+    k = min(max(1, int(round(fraction * len(labelled)))), len(labelled) - 1)
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(labelled, size=k, replace=False).tolist())
+
+
+def training_run(
+    raw_images: Sequence[np.ndarray],
+    names: Sequence[str],
+    labels: pd.DataFrame,
+    *,
+    radius: float,
+    downsample: int = 1,
+    normalization: str = "gmm",
+    expected_particles: float | None = None,
+    negatives: pd.DataFrame | None = None,
+    holdout: Sequence[str] = (),
+    init=None,
+    preprocessor=None,
+    **config,
+):
+    """Build a :class:`~napari_pupick.training.Trainer` from raw micrographs and labels in original pixels.
+
+    Parameters
+    ----------
+    raw_images : list of (H, W) arrays, as read from the files.
+    names : micrograph names, one per image (the ``micrograph`` values of ``labels``).
+    labels : DataFrame with micrograph, x, y in original pixels.
+    radius : particle radius in ORIGINAL pixels (divided by ``downsample`` for the network).
+    downsample : integer binning factor.
+    normalization : 'gmm', 'affine' or 'none' (ignored when ``preprocessor`` is given, e.g. a fitted one).
+    expected_particles : expected particles per micrograph (sets the class prior pi).
+    negatives : rejected picks (micrograph, x, y) in original pixels, or None.
+    holdout : names of labelled micrographs held out for average precision per epoch.
+    init : a Checkpoint to continue from (retraining).
+    **config : any other :class:`~napari_pupick.training.TrainConfig` field.
+
+    Returns
+    -------
+    Trainer
+        Iterate ``trainer.run()`` for progress events; ``trainer.best`` is the model to keep.
+    """
+    from napari_pupick.preprocess import Preprocessor
+    from napari_pupick.training import TrainConfig, Trainer
+
+    if labels is None or len(labels) == 0:
+        raise TrainingError("no positive labels: mark a few particles first")
+    unknown = sorted(set(labels["micrograph"]) - set(names))
+    if unknown:
+        raise CoordinateError(
+            f"labels name micrographs that are not open: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+        )
+    if preprocessor is None:
+        preprocessor = Preprocessor(downsample=int(downsample), method=normalization)
+        images = prepare_images(raw_images, preprocessor, fit=True)
+    else:
+        images = [preprocessor.transform(im) for im in raw_images]
+    factor = int(preprocessor.downsample)
+    cfg = TrainConfig(particle_radius=float(radius) / factor, expected_particles=expected_particles, **config)
+    positives = labels_to_binned(labels, factor, names)
+    neg = labels_to_binned(negatives, factor, names) if negatives is not None and len(negatives) else None
+    return Trainer(
+        images,
+        list(names),
+        positives,
+        cfg,
+        negatives=neg,
+        holdout=list(holdout),
+        init=init,
+        preprocess=preprocessor.to_dict(),
+    )
+
+
+def train_picker(raw_images, names, labels, *, progress: bool = False, **kwargs):
+    """Train to completion and return the best :class:`~napari_pupick.training.Checkpoint`.
+
+    Same arguments as :func:`training_run`; ``progress=True`` shows a tqdm bar.
+    """
+    trainer = training_run(raw_images, names, labels, **kwargs)
+    bar = None
+    try:
+        for event in trainer.run():
+            if progress and event.total_steps:
+                if bar is None:
+                    from tqdm.auto import tqdm
+
+                    bar = tqdm(total=event.total_steps, desc="train", unit="step")
+                bar.n = event.step
+                post = {k: f"{v:.3g}" for k, v in (event.losses or {}).items()}
+                if event.heldout_ap is not None:
+                    post["AP"] = f"{event.heldout_ap:.3f}"
+                bar.set_postfix(post, refresh=False)
+                bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
+    return trainer.best
+
+
+class Picker:
+    """A trained model with its preprocessing and extraction settings: raw micrograph in, picks out.
+
+    Parameters
+    ----------
+    checkpoint : Checkpoint or path to one.
+    device : 'auto', 'cpu', 'cuda', 'mps' (or a torch.device).
+    tta : average the logits over four 90-degree rotations.
+    tile : tile side for scoring (None: automatic).
+    """
+
+    def __init__(self, checkpoint, device="auto", tta: bool = False, tile: int | None = None):
+        from napari_pupick.predict import select_device
+        from napari_pupick.preprocess import Preprocessor
+        from napari_pupick.training import Checkpoint
+
+        if isinstance(checkpoint, (str, Path)):
+            checkpoint = Checkpoint.load(checkpoint)
+        self.checkpoint = checkpoint
+        self.preprocessor = Preprocessor.from_dict(checkpoint.preprocess or {})
+        self.device = select_device(device)
+        self.model = checkpoint.build(self.device)
+        self.tta = tta
+        self.tile = tile
+
+    @property
+    def factor(self) -> int:
+        """The downsampling factor the model was trained with."""
+        return int(self.preprocessor.downsample)
+
+    @property
+    def particle_radius(self) -> float | None:
+        """The particle radius in original pixels the model was trained with (None if unknown)."""
+        r = (self.checkpoint.config or {}).get("particle_radius")
+        return None if r is None else float(r) * self.factor
+
+    @property
+    def suggested_threshold(self) -> float | None:
+        """The F2-optimal logit threshold found on held-out labels during training, when known."""
+        t = (self.checkpoint.metrics or {}).get("threshold_f2")
+        return None if t is None else float(t)
+
+    def prepare(self, raw: np.ndarray) -> np.ndarray:
+        """Downsample and normalize one raw micrograph as the model was trained."""
+        return self.preprocessor.transform(np.asarray(raw))
+
+    def score(self, image: np.ndarray, prepared: bool = False) -> np.ndarray:
+        """Logit map (binned grid) of one micrograph; ``prepared=True`` when ``image`` is already normalized."""
+        from napari_pupick.predict import score_micrograph
+
+        x = image if prepared else self.prepare(image)
+        return score_micrograph(self.model, x, device=self.device, tile=self.tile, tta=self.tta)
+
+    def extract(self, logits: np.ndarray, name=None, *, radius=None, threshold=-6.0, margin=0.0,
+                image=None, std_filter=None) -> pd.DataFrame:
+        """Non-maximum suppression on a logit map; ``radius`` and ``margin`` in ORIGINAL pixels; picks out in
+        original pixels."""
+        from napari_pupick.extract import extract_picks
+
+        radius = self.particle_radius if radius is None else float(radius)
+        if radius is None:
+            raise ValueError("no particle radius: pass radius= (original pixels)")
+        return extract_picks(
+            logits,
+            radius / self.factor,
+            threshold=threshold,
+            margin=float(margin) / self.factor,
+            factor=self.factor,
+            micrograph=name,
+            image=image,
+            std_filter=std_filter,
+        )
+
+    def pick(self, raw: np.ndarray, name=None, **kwargs) -> pd.DataFrame:
+        """Score and extract one raw micrograph (see :meth:`extract` for the keyword arguments)."""
+        prepared = self.prepare(raw)
+        logits = self.score(prepared, prepared=True)
+        if kwargs.get("std_filter") is not None and kwargs.get("image") is None:
+            kwargs["image"] = prepared
+        return self.extract(logits, name, **kwargs)
+
+    def iter_files(self, paths: Iterable, **kwargs) -> Iterator[tuple[str, pd.DataFrame]]:
+        """Pick each micrograph file in turn, yielding ``(name, picks)``."""
+        from napari_pupick.io import micrograph_name, read_micrograph
+
+        for path in paths:
+            name = micrograph_name(path)
+            yield name, self.pick(read_micrograph(path), name, **kwargs)
+
+    def pick_files(self, paths: Iterable, **kwargs) -> pd.DataFrame:
+        """Pick every micrograph file and return one table."""
+        tables = [t for _, t in self.iter_files(paths, **kwargs)]
+        return _concat(tables)
+
+
+def _concat(tables) -> pd.DataFrame:
+    tables = [t for t in tables if len(t)]
+    if not tables:
+        return pd.DataFrame({"micrograph": pd.Series(dtype=str), "x": pd.Series(dtype=float),
+                             "y": pd.Series(dtype=float), "score": pd.Series(dtype=float)})
+    return pd.concat(tables, ignore_index=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_picker(checkpoint_path: str, device: str, tta: bool, threads: int | None) -> Picker:
+    if threads:
+        from napari_pupick.predict import set_threads
+
+        set_threads(threads)
+    return Picker(checkpoint_path, device=device, tta=tta)
+
+
+def _pick_one_file(path: str, checkpoint_path: str, device: str, tta: bool, threads: int | None,
+                   kwargs: dict) -> pd.DataFrame:
+    from napari_pupick.io import micrograph_name, read_micrograph
+
+    picker = _cached_picker(checkpoint_path, device, tta, threads)
+    return picker.pick(read_micrograph(path), micrograph_name(path), **kwargs)
+
+
+def pick_distributed(checkpoint_path, paths, client=None, *, device="auto", tta=False, threads=1,
+                     **kwargs) -> pd.DataFrame:
+    """Pick many micrographs in parallel with dask, one task per micrograph.
+
+    With a ``dask.distributed.Client`` the tasks run on its workers (many machines: each worker loads the
+    checkpoint once from ``checkpoint_path``, which must be readable there); with ``client=None`` they run on the
+    local threaded scheduler. Returns one pick table in original pixels.
+    """
+    import dask
+
+    tasks = [
+        dask.delayed(_pick_one_file)(str(p), str(checkpoint_path), str(device), tta, threads, dict(kwargs))
+        for p in paths
+    ]
+    if client is not None:
+        futures = client.compute(tasks)
+        results = client.gather(futures)
+    else:
+        (results,) = dask.compute(tasks, scheduler="threads")
+    return _concat(results)
