@@ -1,0 +1,49 @@
+"""Shared fixtures: the real data folder, small synthetic micrographs on disk, napari plugin discovery."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+#: Real micrographs with ground truth (read-only; see its README.md). Override with $PUPICK_DATA.
+DATA_DIR = Path(os.environ.get("PUPICK_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real-data folder (/work/shared/data beside the clone, or $PUPICK_DATA)."""
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"real data folder {DATA_DIR} not present (set PUPICK_DATA)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def small_synthetic():
+    """Three small non-square synthetic micrographs (128 x 160, float32) with particles and labels."""
+    from napari_pupick.synthetic import make_synthetic
+
+    return make_synthetic(n_micrographs=3, shape=(128, 160), n_particles=8, radius=6.0, snr=0.5, seed=1,
+                          pixel_size=1.5)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(small_synthetic, tmp_path_factory) -> dict:
+    """``small_synthetic`` written to a session folder: ``{"micrographs": [paths], "particles": star,
+    "labels": star, "folder": micrograph folder, "set": SyntheticSet}``. Treat as read-only."""
+    root = tmp_path_factory.mktemp("synthetic")
+    files = small_synthetic.write(root)
+    return {**files, "folder": root / "micrographs", "set": small_synthetic}
+
+
+@pytest.fixture
+def pupick_plugin():
+    """npe2's plugin manager with napari-pupick discovered (for napari.components.ViewerModel, no Qt)."""
+    from npe2 import PluginManager
+
+    pm = PluginManager.instance()
+    if "napari-pupick" not in pm:
+        pm.discover()
+    assert "napari-pupick" in pm
+    return pm
