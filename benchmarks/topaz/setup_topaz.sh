@@ -7,7 +7,7 @@
 # Idempotent: a second run reuses the venv.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
-VENV=${TOPAZ_VENV:-"$HERE/../.topaz-venv"}
+VENV=${TOPAZ_VENV:-"$(cd "$HERE/.." && pwd)/.topaz-venv"}
 PY=${PYTHON:-python3}
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -26,5 +26,5 @@ echo "torch==2.13.0" > "$VENV/constraints.txt"
 "${PIP[@]}" -c "$VENV/constraints.txt" tqdm h5py numpy pandas psutil scikit-learn scipy pillow future mrcfile
 # 3. Check: the shim imports topaz and prints its version.
 "$VENV/bin/python" "$HERE/topaz_shim.py" --version
-"$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__; print('torch', torch.__version__)"
+"$VENV/bin/python" -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), v; print('torch', v)"
 echo "== Topaz ready: $VENV/bin/python $HERE/topaz_shim.py <command> ..."

@@ -58,7 +58,7 @@ def plot_picks(image, picks, truth=None, match_radius=None, path=None, title=Non
 
 
 def run_demo(output="demo_out", n_micrographs=8, n_labels=40, seed=0, device="auto", progress=True,
-             shape=(768, 768), radius=16.0, downsample=2, **train_kwargs) -> dict:
+             shape=(768, 768), radius=16.0, downsample=2, snr=0.1, **train_kwargs) -> dict:
     """Run the loop and write everything to ``output``; returns the evaluation figures.
 
     Writes ``data/micrographs/*.mrc``, ``data/labels.star`` (the sparse clicks), ``data/particles.star`` (all
@@ -77,7 +77,7 @@ def run_demo(output="demo_out", n_micrographs=8, n_labels=40, seed=0, device="au
     n_train = n_micrographs - n_test
     n_particles = 60
     synth = make_synthetic(n_micrographs=n_micrographs, shape=shape, n_particles=n_particles, radius=radius,
-                           n_labels=n_labels, label_micrographs=max(1, n_train // 2), seed=seed)
+                           n_labels=n_labels, label_micrographs=max(1, n_train // 2), snr=snr, seed=seed)
     files = synth.write(out / "data")
     say(f"1/5 wrote {n_micrographs} synthetic micrographs ({shape[1]}x{shape[0]}, particle radius {radius:g} px) "
         f"and {len(synth.labels)} labels to {out / 'data'}")

@@ -225,8 +225,9 @@ def make_synthetic(
             d2 = ((xx - x) ** 2 + (yy - y) ** 2) / rb**2
             image -= (3.0 * noise_sd / (1 + np.exp(np.minimum((d2 - 1) * 8, 50.0)))).astype(np.float32)
             junk_rows.append((name, float(x), float(y), "ice"))
-        # Detector-like offset and gain, different per micrograph (what normalization must undo).
-        image = image * rng.uniform(0.7, 1.4) + rng.uniform(-2, 2)
+        # Intensities are counts: a positive mean level proportional to the dose, and a dose (gain) that differs
+        # per micrograph - the per-micrograph scale factor that GMM normalization estimates and undoes.
+        image = (image + 10.0 * noise_sd) * rng.uniform(0.7, 1.4)
         images.append(image.astype(np.float32))
 
     particles = pd.DataFrame(rows, columns=["micrograph", "x", "y", "angle"])

@@ -1,0 +1,125 @@
+"""The ``pupick`` command line and the pipeline it shares with the plugin, end to end on small synthetic data."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from napari_pupick.cli import main
+from napari_pupick.io import read_coordinates, write_coordinates
+from napari_pupick.synthetic import make_synthetic
+
+TINY = ["--epochs", "3", "--steps", "15", "--threads", "1", "-q"]
+
+
+@pytest.fixture(scope="module")
+def synth_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    synth = make_synthetic(n_micrographs=4, shape=(320, 320), n_particles=35, radius=12, snr=0.3, n_labels=30,
+                           label_micrographs=2, seed=3)
+    files = synth.write(folder)
+    return synth, files, folder
+
+
+def test_help_names_every_command():
+    out = subprocess.run([sys.executable, "-m", "napari_pupick", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for cmd in ("normalize", "train", "extract", "evaluate", "convert", "demo"):
+        assert cmd in out
+
+
+def test_convert_threshold_and_formats(tmp_path):
+    table = pd.DataFrame({"micrograph": ["a", "a", "b"], "x": [10.0, 20.0, 30.0], "y": [5.0, 6.0, 7.0],
+                          "score": [-1.0, 2.0, 3.0]})
+    src = write_coordinates(table, tmp_path / "in.star")
+    assert main(["convert", str(src), str(tmp_path / "out.csv"), "--threshold", "0"]) == 0
+    back = read_coordinates(tmp_path / "out.csv")
+    assert sorted(back["score"]) == [2.0, 3.0]
+    assert main(["convert", str(src), str(tmp_path / "relion"), "--per-micrograph"]) == 0
+    files = sorted(p.name for p in (tmp_path / "relion").iterdir())
+    assert files == ["a.star", "b.star"]
+    df = starfile.read(tmp_path / "relion" / "a.star")
+    assert list(df["rlnCoordinateX"]) == [10.0, 20.0]
+
+
+def test_evaluate_truth_against_itself(tmp_path, capsys):
+    synth = make_synthetic(n_micrographs=2, shape=(200, 200), n_particles=10, radius=8, seed=1)
+    truth = write_coordinates(synth.particles.assign(score=0.0), tmp_path / "truth.csv")
+    picks = synth.particles.assign(score=np.linspace(1, 0, len(synth.particles)))
+    picks = pd.concat([picks, pd.DataFrame({"micrograph": [synth.names[0]], "x": [1.0], "y": [1.0],
+                                            "score": [-5.0]})])
+    pfile = write_coordinates(picks, tmp_path / "picks.star")
+    assert main(["evaluate", str(pfile), "--truth", str(truth), "--radius", "4", "--json",
+                 str(tmp_path / "m.json")]) == 0
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["ap"] == pytest.approx(1.0)
+    assert result["n_picks"] == len(picks)
+
+
+def test_train_extract_evaluate_end_to_end(synth_files, tmp_path):
+    synth, files, folder = synth_files
+    model = tmp_path / "model.pt"
+    rc = main(["train", str(folder / "micrographs"), "--labels", str(files["labels"]), "--radius", "12",
+               "--downsample", "2", "--expected", "35", "--holdout", "0.5", "-o", str(model), *TINY])
+    assert rc == 0 and model.exists()
+    picks = tmp_path / "picks.star"
+    assert main(["extract", str(folder / "micrographs"), "--model", str(model), "-o", str(picks),
+                 "--threads", "1", "-q"]) == 0
+    table = read_coordinates(picks)
+    assert set(table["micrograph"]) <= set(synth.names) and len(table) > 0
+    assert table["score"].notna().all()
+    # evaluate on the two micrographs that had no labels
+    test = synth.particles[synth.particles["micrograph"].isin(synth.names[2:])]
+    truth = write_coordinates(test.assign(score=0.0), tmp_path / "truth.star")
+    assert main(["evaluate", str(picks), "--truth", str(truth), "--radius", "6", "--json",
+                 str(tmp_path / "m.json")]) == 0
+    ap = json.loads((tmp_path / "m.json").read_text())["ap"]
+    # chance level: the fraction of candidate positions that are particles is a few percent
+    assert ap > 0.3
+
+
+def test_train_without_labels_fails_cleanly(synth_files, tmp_path, capsys):
+    synth, files, folder = synth_files
+    empty = tmp_path / "empty.csv"
+    empty.write_text("micrograph,x,y\n")
+    rc = main(["train", str(folder / "micrographs"), "--labels", str(empty), "--radius", "10", "-o",
+               str(tmp_path / "m.pt"), *TINY])
+    assert rc == 1
+    assert "label" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_bad_micrograph_reports_file(tmp_path, capsys):
+    bad = tmp_path / "broken.mrc"
+    bad.write_bytes(b"not an mrc file at all" * 10)
+    rc = main(["normalize", str(bad), "-o", str(tmp_path / "out")])
+    assert rc == 1
+    assert "broken.mrc" in capsys.readouterr().err
+
+
+def test_normalize_writes_mrcs_and_settings(synth_files, tmp_path):
+    import mrcfile
+
+    synth, files, folder = synth_files
+    out = tmp_path / "norm"
+    assert main(["normalize", str(folder / "micrographs"), "-o", str(out), "--downsample", "2", "-q"]) == 0
+    settings = json.loads((out / "preprocess.json").read_text())
+    assert settings["downsample"] == 2
+    with mrcfile.open(out / f"{synth.names[0]}.mrc") as mrc:
+        assert mrc.data.shape == (160, 160)
+        assert abs(float(np.median(mrc.data))) < 1.0
+
+
+def test_demo_runs_whole_loop(tmp_path):
+    from napari_pupick.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", n_micrographs=4, n_labels=30, shape=(320, 320), radius=12, snr=0.3,
+                      downsample=2, progress=False, epochs=3, steps_per_epoch=15)
+    for name in ("model.pt", "picks.star", "picks.csv", "metrics.json", "picks.png"):
+        assert (tmp_path / "demo" / name).exists(), name
+    assert any((tmp_path / "demo" / "picks_relion").glob("*.star"))
+    assert result["ap"] > 0.3
