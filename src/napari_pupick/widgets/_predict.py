@@ -1,0 +1,165 @@
+"""Dock widget 3: score micrographs in a worker, then inspect: heatmap, picks, live threshold over the histogram."""
+
+from __future__ import annotations
+
+import numpy as np
+from magicgui.widgets import CheckBox, Container, FloatSlider, FloatSpinBox, PushButton
+
+from napari_pupick.widgets._common import PupickWidget, heading, hbox, text_label, warm_up
+from napari_pupick.widgets._plot import HistogramPlot
+
+__all__ = ["PredictWidget"]
+
+
+class PredictWidget(PupickWidget):
+    """Score the current micrograph or all of them; filter the picks live by score without scoring again.
+
+    The picks layer keeps every candidate above a low logit (-6) with its ``score`` feature; the threshold slider
+    only changes which are shown. Deleting picks records them as negatives, adding a point adds a positive.
+    """
+
+    def __init__(self, napari_viewer):
+        super().__init__(napari_viewer)
+        self.current_button = PushButton(text="Score this micrograph")
+        self.all_button = PushButton(text="Score all")
+        self.nms_radius = FloatSpinBox(label="NMS radius (px)", value=self.loop.radius, min=0, max=5000, step=1,
+                                       tooltip="Picks closer than this (original pixels) suppress each other")
+        self.margin = FloatSpinBox(label="edge margin (px)", value=self.loop.margin, min=0, max=5000, step=1,
+                                   tooltip="Drop picks closer than this to the micrograph border")
+        self.heatmap = CheckBox(text="show score heatmap", value=True)
+        self.form = Container(widgets=[self.nms_radius, self.margin], labels=True)
+        self.form.margins = (0, 0, 0, 0)
+        self.body.addWidget(heading("Score"))
+        self.body.addWidget(hbox(self.current_button, self.all_button))
+        self.body.addWidget(self.form.native)
+        self.body.addWidget(self.heatmap.native)
+
+        self.body.addWidget(heading("Threshold"))
+        self.plot = HistogramPlot()
+        self.body.addWidget(self.plot)
+        self.threshold = FloatSlider(value=self.loop.threshold, min=-6.0, max=10.0, step=0.01, readout=True,
+                                     tracking=True, tooltip="Show picks with score >= threshold (a logit)")
+        self.threshold.label = "threshold"
+        self.suggest_button = PushButton(text="Use F2-optimal")
+        self.suggest_button.enabled = False
+        self.body.addWidget(self.threshold.native)
+        self.body.addWidget(self.suggest_button.native)
+        self.counts = text_label("no picks yet")
+        self.body.addWidget(self.counts)
+
+        self.current_button.changed.connect(lambda *_: self.predict("current"))
+        self.all_button.changed.connect(lambda *_: self.predict("all"))
+        self.threshold.changed.connect(self._threshold_moved)
+        self.suggest_button.changed.connect(self.use_suggested)
+        self.nms_radius.changed.connect(self._extraction_changed)
+        self.margin.changed.connect(self._extraction_changed)
+        self.heatmap.changed.connect(self._toggle_heatmap)
+        self.viewer.dims.events.current_step.connect(self._update_counts)
+        self.subscribe("picks", self._picks_changed)
+        self.subscribe("threshold", self._threshold_changed)
+        self.subscribe("model", self._model_changed)
+        self.subscribe("micrographs", self._micrographs_changed)
+        self.subscribe("particle", self._micrographs_changed)
+        self._model_changed(self.loop)
+        warm_up()
+
+    def busy_widgets(self) -> list:
+        return [self.current_button, self.all_button, self.form]
+
+    # -- actions -------------------------------------------------------------------------------------------------
+
+    def predict(self, planes="all"):
+        """Score ``planes`` ('current', 'all' or indices) in a worker; picks and heatmap appear plane by plane."""
+        if float(self.nms_radius.value) != self.loop.radius:
+            self.loop.nms_radius = float(self.nms_radius.value) or None
+        self.loop.margin = float(self.margin.value)
+        return self.start_job(lambda: self.loop.iter_predict(planes), "Predict",
+                              on_done=lambda job: self._picks_changed(self.loop))
+
+    def use_suggested(self, *_):
+        t = self.loop.suggested_threshold
+        if t is not None:
+            self.set_threshold(t)
+
+    def set_threshold(self, value: float) -> None:
+        """Show the picks with score >= ``value`` (the slider follows)."""
+        self.loop.set_threshold(float(value))
+
+    def _threshold_moved(self, value) -> None:
+        self.loop.set_threshold(float(value))
+
+    def _show_threshold(self, value: float) -> None:
+        """Move the slider to ``value`` without feeding back into the loop."""
+        with self.threshold.changed.blocked():
+            self.threshold.min = min(self.threshold.min, value)
+            self.threshold.max = max(self.threshold.max, value)
+            self.threshold.value = value
+
+    def _threshold_changed(self, loop) -> None:
+        self._show_threshold(loop.threshold)
+        self.plot.set_threshold(loop.threshold)
+        self._update_counts()
+
+    def _extraction_changed(self, *_):
+        radius, margin = float(self.nms_radius.value), float(self.margin.value)
+        if self.loop.scores:
+            self.report(lambda: self.loop.reextract(radius or None, margin), "Re-extract picks")
+        else:
+            self.loop.nms_radius, self.loop.margin = radius or None, margin
+
+    def _toggle_heatmap(self, value) -> None:
+        layer = self.loop.scores_layer
+        if layer is not None and layer in self.viewer.layers:
+            layer.visible = bool(value)
+
+    # -- views ---------------------------------------------------------------------------------------------------
+
+    def _micrographs_changed(self, loop) -> None:
+        """The NMS radius follows the particle radius until set here."""
+        if loop.nms_radius is None:
+            with self.nms_radius.changed.blocked():
+                self.nms_radius.value = loop.radius
+
+    def _model_changed(self, loop) -> None:
+        t = loop.suggested_threshold
+        self.suggest_button.enabled = t is not None
+        self.suggest_button.text = "Use F2-optimal" if t is None else f"Use F2-optimal ({t:.2f})"
+        self.suggest_button.tooltip = ("The F2-optimal threshold on the held-out labels of training"
+                                       if t is not None else "Known after training with a held-out fraction")
+        self._show_threshold(loop.threshold)
+        self.plot.set_threshold(loop.threshold)
+
+    def _picks_changed(self, loop) -> None:
+        scores = loop.all_scores()
+        if scores.size:
+            lo, hi = float(np.floor(scores.min())), float(np.ceil(scores.max()))
+            with self.threshold.changed.blocked():
+                self.threshold.min = min(lo, loop.threshold)
+                self.threshold.max = max(hi, loop.threshold)
+                self.threshold.value = loop.threshold
+        self.plot.plot_scores(scores, loop.threshold)
+        if loop.scores_layer is not None:
+            loop.scores_layer.visible = bool(self.heatmap.value)
+        self._update_counts()
+
+    def _update_counts(self, *_):
+        loop = self.loop
+        layer = loop.picks_layer
+        if layer is None or layer not in self.viewer.layers or not len(layer.data):
+            self.counts.setText("no picks yet")
+            return
+        shown = layer.shown
+        total = int(shown.sum())
+        if loop.stacked:
+            plane = loop.current_plane()
+            on_plane = np.rint(np.asarray(layer.data)[:, 0]).astype(int) == plane
+            per = np.bincount(np.rint(np.asarray(layer.data)[shown, 0]).astype(int), minlength=loop.n_planes)
+            scored = sorted(loop.scores)
+            per = per[scored] if scored else per
+            here = int((shown & on_plane).sum())
+            text = (f"{total} of {len(shown)} candidates shown · this micrograph ({loop.names[plane]}): {here}"
+                    f"<br>per scored micrograph: mean {per.mean():.0f}, min {per.min()}, max {per.max()} "
+                    f"({len(per)} micrographs)")
+        else:
+            text = f"{total} of {len(shown)} candidates shown"
+        self.counts.setText(text)

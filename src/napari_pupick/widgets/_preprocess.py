@@ -1,0 +1,126 @@
+"""Dock widget 1: preprocess the micrographs (binning, GMM or affine normalization) and start labelling."""
+
+from __future__ import annotations
+
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, PushButton, SpinBox
+
+from napari_pupick.widgets._common import PupickWidget, heading
+from napari_pupick.widgets._plot import MixturePlot
+
+__all__ = ["PreprocessWidget"]
+
+_METHODS = [("GMM (dataset-wide mixture)", "gmm"), ("affine (mean / std)", "affine"), ("none", "none")]
+
+
+class PreprocessWidget(PupickWidget):
+    """Pick the micrograph layer, bin and normalize it in a worker, show the fitted mixture; then set the particle
+    size and create the positives layer with one click."""
+
+    def __init__(self, napari_viewer):
+        super().__init__(napari_viewer)
+        self.layer = ComboBox(label="micrographs", choices=self._image_layers, nullable=False)
+        self.downsample = SpinBox(label="downsample", value=1, min=1, max=32,
+                                  tooltip="Integer binning factor (Fourier cropping): aim for particles 10-30 px "
+                                          "across after binning")
+        self.method = ComboBox(label="normalization", choices=_METHODS, value="gmm")
+        self.run_button = PushButton(text="Preprocess")
+        self.form = Container(widgets=[self.layer, self.downsample, self.method, self.run_button], labels=True)
+        self.form.margins = (0, 0, 0, 0)
+        self.body.addWidget(heading("Micrographs"))
+        self.body.addWidget(self.form.native)
+        self.plot = MixturePlot()
+        self.body.addWidget(self.plot)
+
+        self.radius = FloatSpinBox(label="particle radius (px)", value=self.loop.radius, min=1, max=2000,
+                                   step=1, tooltip="In original micrograph pixels; points are drawn 2 x radius wide")
+        self.expected = SpinBox(label="expected per micrograph", value=int(self.loop.expected_particles), min=1,
+                                max=100000, tooltip="Roughly how many particles one micrograph holds (sets the "
+                                                    "class prior of training)")
+        self.label_button = PushButton(text="Label particles (positives layer)")
+        self.particles = Container(widgets=[self.radius, self.expected, self.label_button], labels=True)
+        self.particles.margins = (0, 0, 0, 0)
+        self.body.addWidget(heading("Particles"))
+        self.body.addWidget(self.particles.native)
+
+        self.run_button.changed.connect(self.run)
+        self.label_button.changed.connect(self.add_positives)
+        self.layer.changed.connect(self._layer_changed)
+        self.radius.changed.connect(lambda v: self.report(lambda: self.loop.set_particle(radius=v), "radius"))
+        self.expected.changed.connect(
+            lambda v: self.report(lambda: self.loop.set_particle(expected_particles=v), "expected particles"))
+        self.downsample.changed.connect(self._hint)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._reset_choices)
+        self.subscribe("micrographs", self._sync)
+        self.subscribe("preprocessed", self._show_mixture)
+        if self.loop.micrograph_layer is not None and self.loop.micrograph_layer in self.viewer.layers:
+            self._sync(self.loop)  # a session started elsewhere (another widget, the console) keeps its layer
+            if self.loop.mixture is not None:
+                self._show_mixture(self.loop)
+        else:
+            self._layer_changed(self.layer.value)
+
+    # -- choices and sync ----------------------------------------------------------------------------------------
+
+    def _image_layers(self, *_):
+        from napari.layers import Image
+
+        skip = {self.loop.normalized_layer, self.loop.scores_layer}
+        return [(la.name, la) for la in self.viewer.layers
+                if isinstance(la, Image) and la not in skip and not la.rgb and la.data.ndim in (2, 3)]
+
+    def _reset_choices(self, *_):
+        self.layer.reset_choices()
+
+    def _layer_changed(self, layer) -> None:
+        if layer is not None and layer is not self.loop.micrograph_layer:
+            self.report(lambda: self.loop.set_micrographs(layer), "micrographs")
+        self._hint()
+
+    def _sync(self, loop) -> None:
+        if loop.micrograph_layer is not None and self.layer.value is not loop.micrograph_layer:
+            self._reset_choices()
+            self.layer.value = loop.micrograph_layer
+        self.radius.value = loop.radius
+        self.expected.value = int(round(loop.expected_particles))
+
+    def _hint(self, *_):
+        r = self.loop.radius / max(self.downsample.value, 1)
+        self.downsample.tooltip = (f"Integer binning factor (Fourier cropping). With this factor a particle is about "
+                                   f"{2 * r:.0f} px across (10-30 px works well).")
+
+    def busy_widgets(self) -> list:
+        return [self.run_button, self.layer, self.downsample, self.method]
+
+    # -- actions -------------------------------------------------------------------------------------------------
+
+    def run(self, *_):
+        """Bin and normalize the chosen micrographs in a worker; adds or refreshes the normalized layer."""
+        layer, s, method = self.layer.value, int(self.downsample.value), self.method.value
+        return self.start_job(lambda: self.loop.iter_preprocess(layer, s, method), "Preprocess")
+
+    def _show_mixture(self, loop) -> None:
+        if loop.mixture is not None:
+            self.plot.plot_mixture(*loop.mixture)
+        pre = loop.preprocessor
+        gmm = getattr(pre, "gmm", None)
+        text = f"{len(loop.names)} micrograph(s) binned by {pre.downsample}, {pre.method} normalization"
+        if gmm is not None:
+            text += (f"<br>mixture: p = {gmm.p:.2f}, mu = ({gmm.mu0:.3g}, {gmm.mu1:.3g}), "
+                     f"s = ({gmm.s0:.3g}, {gmm.s1:.3g})")
+        self.status.setText(text)
+        if self.downsample.value != pre.downsample:
+            self.downsample.value = pre.downsample
+        if self.method.value != pre.method:
+            self.method.value = pre.method
+
+    def add_positives(self, *_):
+        """Create (or select) the positives Points layer with the particle size set here."""
+        layer = self.report(lambda: self.loop.add_positives_layer(self.radius.value, self.expected.value),
+                            "Label particles")
+        if layer is not None:
+            positives, _ = self.loop.labels()
+            self.status.setText(f"Click particles on layer '{layer.name}': {len(positives)} labels so far, on "
+                                f"{positives['micrograph'].nunique()} micrograph(s). Points go on the micrograph "
+                                "shown.")
+        return layer
