@@ -35,6 +35,15 @@ label maps: about ``pi r^2 / stride^2`` cells, at least 1). It is a 2-D area cou
 Giving ``pi`` in the config overrides it for every micrograph. Objectives that need one prior get the mean over
 the unlabeled cells of the step; GE-binomial uses the mean of each group.
 
+Defaults, by measurement (one CPU thread, random start; details in the project notes): 5 epochs of 20 steps
+of 8 tiles of 129 pixels, Adam at 2e-3 with a 10-step warm-up and cosine decay, the output bias initialised
+to logit(pi). With the default conv3 a step takes about 0.2 s (44,000 output cells per second, against about 240
+crops per second for a crop-by-crop sampler), so training takes 20-30 s. Held-out AP (match radius half the
+particle radius): apoferritin, 100 labels on 5 micrographs, 14 held out: 0.96 after 100 steps (0.90-0.93 after 20);
+synthetic, 50 labels, mean of 9 runs (3 data sets x 3 seeds), AP at the end of training: GE-binomial 0.87,
+GE-KL 0.90, nnPU 0.85 (3 runs), PN 0.80. Longer schedules overfit 50 labels (AP fell by 0.05-0.15 between
+epochs 5 and 10 on synthetic data), so the default stays short; a holdout keeps the best epoch.
+
 Errors: a non-finite loss, gradient or weight, or a loss above ``max_loss``, ends the run with an ``"error"``
 event whose message says so, then raises ``TrainingError``; ``trainer.best`` and ``trainer.latest`` keep the last
 good weights.
