@@ -37,7 +37,7 @@ class TrainWidget(PupickWidget):
         self.extra_config: dict = {}
         self.objective = ComboBox(label="objective", choices=_OBJECTIVES, value="ge-binomial")
         self.model = ComboBox(label="model", choices=_MODELS, value="conv3")
-        self.epochs = SpinBox(label="epochs", value=10, min=1, max=1000)
+        self.epochs = SpinBox(label="epochs", value=5, min=1, max=1000)  # TrainConfig.epochs
         self.steps = SpinBox(label="steps per epoch", value=20, min=1, max=100000)
         self.device = ComboBox(label="device", choices=_DEVICES, value="auto")
         self.holdout = FloatSpinBox(label="held-out fraction", value=0.25, min=0.0, max=0.5, step=0.05,
