@@ -40,7 +40,7 @@ def start_xvfb() -> subprocess.Popen | None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "images"))
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -14,8 +14,8 @@ DATA_DIR = Path(os.environ.get("PUPICK_DATA", Path(__file__).resolve().parents[1
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real-data folder (/work/shared/data beside the clone, or $PUPICK_DATA)."""
-    if not DATA_DIR.is_dir():
-        pytest.skip(f"real data folder {DATA_DIR} not present (set PUPICK_DATA)")
+    if not DATA_DIR.is_dir():  # fail, not skip: the real-data tests are part of what the suite proves
+        pytest.fail(f"real data folder {DATA_DIR} not found: put shared/data beside the clone or set PUPICK_DATA")
     return DATA_DIR
 
 
