@@ -163,17 +163,22 @@ def cmd_normalize(args) -> int:
     import mrcfile
     from tqdm.auto import tqdm
 
+    from napari_pupick.io import list_micrographs, micrograph_name, read_micrograph
     from napari_pupick.preprocess import Preprocessor
 
-    paths, names, images = _read_micrographs(args.micrographs, args.quiet)
-    pre = Preprocessor(downsample=args.downsample, method=args.method).fit(images)
+    paths = list_micrographs(args.micrographs)
+    names = [micrograph_name(p) for p in paths]
+    pre = Preprocessor(downsample=args.downsample, method=args.method)
+    # one pass over the files: each is read and binned as it comes, the mixture is fit on the binned images
+    reading = (read_micrograph(p) for p in tqdm(paths, desc="read and bin", unit="mic", disable=args.quiet))
+    normalized = pre.fit_transform(reading)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    for name, image in tqdm(list(zip(names, images)), desc="normalize", unit="mic", disable=args.quiet):
+    for name, image in tqdm(list(zip(names, normalized)), desc="write", unit="mic", disable=args.quiet):
         target = out / f"{name}.mrc"
         tmp = target.with_suffix(".mrc.tmp")
         with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(pre.transform(image).astype("float32"))
+            mrc.set_data(image.astype("float32", copy=False))
         os.replace(tmp, target)
     (out / "preprocess.json").write_text(json.dumps(pre.to_dict(), indent=2))
     print(f"wrote {len(names)} normalized micrographs and preprocess.json to {out}")

@@ -35,7 +35,7 @@ __all__ = [
 def prepare_images(raw_images: Sequence[np.ndarray], preprocessor, fit: bool = True) -> list[np.ndarray]:
     """Downsample and normalize raw micrographs (fitting the preprocessor on them first when ``fit``)."""
     if fit:
-        preprocessor.fit(raw_images)
+        return preprocessor.fit_transform(raw_images)
     return [preprocessor.transform(im) for im in raw_images]
 
 
