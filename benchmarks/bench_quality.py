@@ -4,7 +4,7 @@ Two benchmarks, one command each (run by hand; figures go to docs/benchmarks.md)
 
     python benchmarks/bench_quality.py real --dataset apoferritin      # ~10 min on 2 cores
     python benchmarks/bench_quality.py real --dataset ribosome
-    python benchmarks/bench_quality.py labels                          # synthetic: AP vs number of labels
+    python benchmarks/bench_quality.py labels                          # synthetic: AP vs number of labels (~17 min)
 
 ``real``: 100 labels drawn (seeded) from the dataset's training micrographs (``benchmarks/common.py``), a model
 trained per objective and seed on the training micrographs only, picks on the held-out micrographs evaluated
@@ -13,7 +13,8 @@ margin = half the particle radius; threshold -6 (AP ranks all picks). The seed d
 the network.
 
 ``labels``: a synthetic set (8 micrographs 512 x 512, radius 12, SNR 0.1): 10, 50, 100, 250 labels from the 6
-training micrographs, AP on the 2 others, per objective, with and without the autoencoder (gamma = 10 / N).
+training micrographs, AP on the 2 others, per objective, with and without the autoencoder (gamma = 10 / N), for
+each of ``--seeds`` (mean and standard deviation over them).
 
 Runs go two at a time in separate processes with one torch thread each (faster than two threads per run here).
 """
@@ -110,7 +111,8 @@ def main(argv=None):
     s = sub.add_parser("labels")
     s.add_argument("--counts", type=int, nargs="+", default=[10, 50, 100, 250])
     s.add_argument("--objectives", nargs="+", default=list(OBJECTIVES))
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                   help="label draws and network initializations per cell (default: %(default)s; 32 runs per seed)")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
@@ -127,10 +129,11 @@ def main(argv=None):
         ds = common.get_dataset("synthetic", workdir=out, n_micrographs=8, shape=(512, 512), radius=12.0,
                                 n_train=6, downsample=1)
         jobs = []
-        for n in args.counts:
-            for obj in args.objectives:
-                for ae in (0.0, 10.0 / n):
-                    jobs.append((ds, obj, args.seed, n, ae))
+        for seed in args.seeds:
+            for n in args.counts:
+                for obj in args.objectives:
+                    for ae in (0.0, 10.0 / n):
+                        jobs.append((ds, obj, seed, n, ae))
         results = _parallel(jobs, args.workers)
         for res in results:
             res["autoencoder_on"] = res["autoencoder"] > 0
