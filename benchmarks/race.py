@@ -3,6 +3,7 @@
     bash benchmarks/topaz/setup_topaz.sh                      # once: Topaz in its own venv (a peer, not a dependency)
     python benchmarks/race.py all                              # synthetic, apoferritin, ribosome in one run
     python benchmarks/race.py apoferritin --topaz-variants scratch   # one set, Topaz from scratch only
+    python benchmarks/race.py all --normalize-only             # the normalization stage alone, about a minute
     python benchmarks/race.py apoferritin --reuse-topaz /work/bench_out/topaz   # reuse Topaz's JSON of an earlier run
 
 Per stage, for both tools: median wall and CPU time per micrograph and peak memory (normalization; scoring;
@@ -308,6 +309,40 @@ def race_one(name, args, argv_text) -> str:
     return text
 
 
+def normalize_only(names, args, argv_text) -> str:
+    """Only the normalization stage, both tools, every dataset: a short run (about a minute) for a quiet machine."""
+    import common
+    from run_topaz import preprocess
+
+    out = Path(args.out)
+    rows = ["| dataset | micrograph, binning | Topaz `preprocess`, s/micrograph (median wall) | ours, own mixture per "
+            "micrograph | ratio | ours, dataset-wide mixture (`pupick normalize`) | ratio |",
+            "|---|---|---|---|---|---|---|"]
+    results = {}
+    for name in names:
+        ds = common.get_dataset(name, workdir=out)
+        theirs = preprocess(ds, out / "topaz_normalize" / ds.name, threads=args.threads)
+        ours = _in_fresh_process(stage_normalize, ds, args.threads)
+        results[name] = dict(topaz=theirs, ours=ours)
+        t = theirs["median_wall_per_micrograph_s"]
+        own, shared = ours["median_wall_per_micrograph_s"], ours["shared_fit_wall_per_micrograph_s"]
+        shape = _mrc_shape(ds.micrograph_paths()[0])
+        rows.append(f"| {ds.name} ({ours['n_micrographs']}) | {shape[1]} x {shape[0]}, {ds.downsample} | {t:.3f} | "
+                    f"{own:.4f} | {t / own:.1f}x | {shared:.4f} | {t / shared:.1f}x |")
+    text = "\n".join([f"## Normalization only ({time.strftime('%Y-%m-%d %H:%M')}, {args.threads} thread(s), "
+                      f"`python benchmarks/race.py {argv_text}`)", "", *rows, ""])
+    (out / "race_normalize.md").write_text(text)
+    (out / "race_normalize.json").write_text(json.dumps(results, indent=2, default=str))
+    return text
+
+
+def _mrc_shape(path):
+    import mrcfile
+
+    with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+        return int(mrc.header.ny), int(mrc.header.nx)
+
+
 def main(argv=None):
     import common
 
@@ -321,11 +356,16 @@ def main(argv=None):
     p.add_argument("--topaz-epoch-size", type=int, default=100)
     p.add_argument("--reuse-topaz", default=None, help="folder with run_topaz.py's <dataset>_<variant>_t1.json")
     p.add_argument("--out", default="bench_out/race")
+    p.add_argument("--normalize-only", action="store_true",
+                   help="measure only the normalization stage of both tools (about a minute)")
     args = p.parse_args(argv)
     names = list(common.DATASETS) if "all" in args.datasets else args.datasets
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     argv_text = " ".join(argv or sys.argv[1:])
+    if args.normalize_only:
+        print(normalize_only(names, args, argv_text))
+        return
     texts = []
     for name in names:
         texts.append(race_one(name, args, argv_text))

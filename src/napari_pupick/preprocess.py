@@ -78,12 +78,9 @@ def _as_image(image, what: str = "image") -> np.ndarray:
         raise MicrographError(f"{what} must be numeric, got dtype {x.dtype}")
     if np.issubdtype(x.dtype, np.complexfloating):
         raise MicrographError(f"{what} must be real, got dtype {x.dtype}")
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x.sum(dtype=np.float64)):
-        # A float64 sum of finite float32/float64 pixels can only be non-finite if a pixel is NaN or inf
-        # (or for float64 values near the overflow limit, which the exact check below tells apart).
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         bad = int(np.count_nonzero(~np.isfinite(x)))
-        if bad:
-            raise MicrographError(f"{what} contains {bad} NaN or infinite pixel(s)")
+        raise MicrographError(f"{what} contains {bad} NaN or infinite pixel(s)")
     return x
 
 
