@@ -114,6 +114,8 @@ def main(argv=None):
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                    help="label draws and network initializations per cell (default: %(default)s; 32 runs per seed)")
     s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--epochs", type=int, default=None, help="training epochs (default: the default schedule's 5)")
+    s.add_argument("--no-autoencoder", action="store_true", help="skip the runs with the autoencoder")
     s.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -129,16 +131,17 @@ def main(argv=None):
         ds = common.get_dataset("synthetic", workdir=out, n_micrographs=8, shape=(512, 512), radius=12.0,
                                 n_train=6, downsample=1)
         jobs = []
+        train_kw = {"epochs": args.epochs} if args.epochs else {}
         for seed in args.seeds:
             for n in args.counts:
                 for obj in args.objectives:
-                    for ae in (0.0, 10.0 / n):
-                        jobs.append((ds, obj, seed, n, ae))
+                    for ae in ((0.0,) if args.no_autoencoder else (0.0, 10.0 / n)):
+                        jobs.append((ds, obj, seed, n, ae, train_kw))
         results = _parallel(jobs, args.workers)
         for res in results:
             res["autoencoder_on"] = res["autoencoder"] > 0
         table = _summary(results, ["n_labels", "objective", "autoencoder_on"])
-        name = "quality_labels"
+        name = "quality_labels" + (f"_e{args.epochs}" if args.epochs else "")
     wall = time.perf_counter() - t0
     (out / f"{name}.json").write_text(json.dumps(dict(results=results, wall_s=wall), indent=2))
     print(markdown(table))
