@@ -37,8 +37,11 @@ import numpy as np  # noqa: E402
 OBJECTIVES = ("ge-binomial", "ge-kl", "nnpu", "pn")
 
 
-def run_one(ds, objective: str, seed: int, n_labels: int, autoencoder: float = 0.0, train_kw=None) -> dict:
-    """Train on ``ds.train`` with ``n_labels`` labels, pick ``ds.heldout``, evaluate against all particles."""
+def run_one(ds, objective: str, seed: int, n_labels: int, autoencoder: float = 0.0, train_kw=None,
+            prior_scale: float = 1.0) -> dict:
+    """Train on ``ds.train`` with ``n_labels`` labels, pick ``ds.heldout``, evaluate against all particles.
+
+    ``prior_scale`` multiplies the expected particles per micrograph (and so the class prior pi)."""
     import torch
 
     from napari_pupick.io import read_micrograph
@@ -51,7 +54,7 @@ def run_one(ds, objective: str, seed: int, n_labels: int, autoencoder: float = 0
     train_images = [read_micrograph(p) for p in ds.micrograph_paths(ds.train)]
     t0 = time.perf_counter()
     ckpt = train_picker(train_images, list(ds.train), labels, radius=ds.radius, downsample=ds.downsample,
-                        expected_particles=ds.expected_particles(), objective=objective, seed=seed,
+                        expected_particles=ds.expected_particles() * prior_scale, objective=objective, seed=seed,
                         autoencoder=autoencoder, device="cpu", threads=1, **(train_kw or {}))
     train_s = time.perf_counter() - t0
     picker = Picker(ckpt, device="cpu")
@@ -61,6 +64,7 @@ def run_one(ds, objective: str, seed: int, n_labels: int, autoencoder: float = 0
     pick_s = (time.perf_counter() - t0) / len(ds.heldout)
     result = evaluate(picks, ds.particles(ds.heldout), ds.match_radius)
     return dict(dataset=ds.name, objective=objective, seed=seed, n_labels=len(labels), autoencoder=autoencoder,
+                prior_scale=prior_scale,
                 ap=float(result["ap"]), precision_at_90=float(result["precision_at_90"]),
                 recall_max=float(result["recall_max"]), n_picks=int(result["n_picks"]), n_true=int(result["n_true"]),
                 train_s=train_s, pick_s_per_mic=pick_s)
@@ -116,6 +120,8 @@ def main(argv=None):
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--epochs", type=int, default=None, help="training epochs (default: the default schedule's 5)")
     s.add_argument("--no-autoencoder", action="store_true", help="skip the runs with the autoencoder")
+    s.add_argument("--prior-scales", type=float, nargs="+", default=[1.0],
+                   help="multiply the expected particles (the prior pi) by each of these (default: %(default)s)")
     s.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -136,12 +142,15 @@ def main(argv=None):
             for n in args.counts:
                 for obj in args.objectives:
                     for ae in ((0.0,) if args.no_autoencoder else (0.0, 10.0 / n)):
-                        jobs.append((ds, obj, seed, n, ae, train_kw))
+                        for k in args.prior_scales:
+                            jobs.append((ds, obj, seed, n, ae, train_kw, k))
         results = _parallel(jobs, args.workers)
         for res in results:
             res["autoencoder_on"] = res["autoencoder"] > 0
-        table = _summary(results, ["n_labels", "objective", "autoencoder_on"])
-        name = "quality_labels" + (f"_e{args.epochs}" if args.epochs else "")
+        keys = ["n_labels", "objective", "autoencoder_on"] + (["prior_scale"] if len(args.prior_scales) > 1 else [])
+        table = _summary(results, keys)
+        name = "quality_labels" + (f"_e{args.epochs}" if args.epochs else "") + (
+            "_prior" if len(args.prior_scales) > 1 else "")
     wall = time.perf_counter() - t0
     (out / f"{name}.json").write_text(json.dumps(dict(results=results, wall_s=wall), indent=2))
     print(markdown(table))
