@@ -231,7 +231,8 @@ def main(argv=None) -> dict:
             r = bench_training(viewer, app, threads, args.epochs, args.steps, browse, bar)
             results["training"].append(r)
             say(f"training, {threads} torch thread(s){', browsing' if browse else ''}"
-                f"{', with a napari activity bar' if bar else ''} ({r['steps']} steps in {r['wall_s']} s; docking the "
+                f"{', with a napari activity bar' if bar else ''} ({r['steps']} steps in {r['wall_s']} s; "
+                f"docking the "
                 f"widget: max gap {r['docking_max_gap_ms']} ms)", r)
             pump(app, 0.5)
         r = bench_threshold(app)

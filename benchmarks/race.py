@@ -100,7 +100,8 @@ def stage_normalize(ds, threads):
     deterministic = all(
         np.array_equal(Preprocessor(downsample=ds.downsample).fit(raws).transform(raws[0]),
                        Preprocessor(downsample=ds.downsample).fit(raws).transform(raws[0])) for _ in range(2))
-    return dict(median_wall_per_micrograph_s=float(np.median(walls)), median_cpu_per_micrograph_s=float(np.median(cpus)),
+    return dict(median_wall_per_micrograph_s=float(np.median(walls)),
+                median_cpu_per_micrograph_s=float(np.median(cpus)),
                 shared_fit_wall_per_micrograph_s=shared_wall, shared_fit_cpu_per_micrograph_s=shared_cpu,
                 peak_rss_mb=_peak_mb(), peak_rss_increase_mb=_peak_mb() - base,
                 deterministic=bool(deterministic), n_micrographs=len(paths))
@@ -224,7 +225,8 @@ def _fmt(v, nd=3):
 
 def table(ds, ours, topaz: dict) -> str:
     """The markdown table of the race."""
-    rows = ["| stage | napari-pupick | " + " | ".join(f"Topaz ({k})" for k in topaz) + " | ratio (Topaz scratch / ours) |",
+    rows = ["| stage | napari-pupick | " + " | ".join(f"Topaz ({k})" for k in topaz)
+            + " | ratio (Topaz scratch / ours) |",
             "|---|---|" + "---|" * len(topaz) + "---|"]
     ref = topaz.get("scratch") or next(iter(topaz.values()), None)
 
@@ -235,11 +237,13 @@ def table(ds, ours, topaz: dict) -> str:
                     + f" | {_fmt(r, 3) + 'x' if r else '-'} |")
 
     st = lambda t, s, k: (t.get("stages", {}).get(s) or {}).get(k)  # noqa: E731
-    add("normalize, own mixture per micrograph, s/micrograph (median wall)", ours["normalize"]["median_wall_per_micrograph_s"],
+    add("normalize, own mixture per micrograph, s/micrograph (median wall)",
+        ours["normalize"]["median_wall_per_micrograph_s"],
         lambda t: st(t, "preprocess", "median_wall_per_micrograph_s"))
     add("normalize, dataset-wide mixture (`pupick normalize`), s/micrograph", ours["normalize"].get(
         "shared_fit_wall_per_micrograph_s"), lambda t: st(t, "preprocess", "median_wall_per_micrograph_s"))
-    add("normalize, peak MB", ours["normalize"]["peak_rss_mb"], lambda t: st(t, "preprocess", "peak_rss_mb"), ratio=False)
+    add("normalize, peak MB", ours["normalize"]["peak_rss_mb"], lambda t: st(t, "preprocess", "peak_rss_mb"),
+        ratio=False)
     add("train, wall s", ours["train"]["wall_s"], lambda t: st(t, "train", "wall_s"))
     add("train, CPU s", ours["train"]["cpu_s"], lambda t: st(t, "train", "cpu_s"))
     add("train, examples/s", ours["train"]["examples_per_s"], lambda t: st(t, "train", "examples_per_s_steady"),
@@ -291,7 +295,8 @@ def race_one(name, args, argv_text) -> str:
         ap_t = t.get("evaluation", {}).get("margin_0", {}).get("ap")
         reach = time_to_reach(ours["train"]["curve"], ap_t) if ap_t is not None else None
         t_wall = (t.get("stages", {}).get("train") or {}).get("wall_s")
-        lines.append(f"- Topaz {variant}: final AP {_fmt(ap_t)} after {_fmt(t_wall, 4)} s of training; ours reaches it "
+        lines.append(f"- Topaz {variant}: final AP {_fmt(ap_t)} after {_fmt(t_wall, 4)} s of training; "
+                     f"ours reaches it "
                      f"after {_fmt(reach, 3)} s of training"
                      + (f" ({t_wall / reach:.0f}x less)" if reach and t_wall else " (not reached)") + ".")
         load = (t.get("stages", {}).get("train") or {}).get("load_avg_1min")
@@ -315,7 +320,8 @@ def normalize_only(names, args, argv_text) -> str:
     from run_topaz import preprocess
 
     out = Path(args.out)
-    rows = ["| dataset | micrograph, binning | Topaz `preprocess`, s/micrograph (median wall) | ours, own mixture per "
+    rows = ["| dataset | micrograph, binning | Topaz `preprocess`, s/micrograph (median wall) "
+            "| ours, own mixture per "
             "micrograph | ratio | ours, dataset-wide mixture (`pupick normalize`) | ratio |",
             "|---|---|---|---|---|---|---|"]
     results = {}

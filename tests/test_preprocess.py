@@ -392,3 +392,19 @@ def test_fit_transform_streams_an_iterator(synthetic):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(MicrographError, match="no micrographs"):
         Preprocessor(downsample=2).fit_transform(iter([]))
+
+
+def test_gmm_with_a_large_offset():
+    """float64 pixels around 1e8 with unit spread (a large offset): the fit keeps its precision (variances are
+    computed from centred values, not as E[y^2] - E[y]^2)."""
+    rng = np.random.default_rng(9)
+    z = rng.random((256, 256)) < TRUE["p"]
+    bright = rng.normal(TRUE["mu1"], TRUE["s1"], z.shape)
+    image = 1e8 + np.where(z, bright, rng.normal(TRUE["mu0"], TRUE["s0"], z.shape))
+    fit = fit_gmm(image)
+    a = fit.scales[0]
+    assert not fit.collapsed
+    assert fit.gmm.p == pytest.approx(TRUE["p"], abs=0.02)
+    assert (fit.gmm.mu1 - fit.gmm.mu0) * a == pytest.approx(6.0, rel=0.03)
+    assert fit.gmm.s0 * a == pytest.approx(TRUE["s0"], rel=0.05)
+    assert fit.gmm.s1 * a == pytest.approx(TRUE["s1"], rel=0.05)

@@ -21,7 +21,8 @@ Stages, for a dataset from ``benchmarks/common.py``:
 
 Command line::
 
-    .venv/bin/python benchmarks/topaz/run_topaz.py apoferritin --out /work/bench_out/topaz --variants scratch,pretrained
+    .venv/bin/python benchmarks/topaz/run_topaz.py apoferritin --out /work/bench_out/topaz \\
+        --variants scratch,pretrained
 """
 
 from __future__ import annotations

@@ -348,12 +348,11 @@ def _ecm_step(c, n, floor, theta, fixed_mixture):
         n_tot = float(tot.sum())
         flat = wz.reshape(2, -1)
         yv = y.ravel()
-        m1 = flat @ yv
-        m2 = flat @ (yv * yv)
         keep = tot > 1e-9 * n_tot  # an empty component keeps its parameters (and weight ~0)
         safe = np.where(keep, tot, 1.0)
-        new_mu = m1 / safe
-        var = np.maximum(m2 / safe - new_mu * new_mu, 0.0)
+        new_mu = (flat @ yv) / safe
+        dev = yv[None, :] - new_mu[:, None]  # centred, so a large offset costs no precision
+        var = np.einsum("zi,zi->z", flat, dev * dev) / safe
         w = tot / n_tot
         mu = np.where(keep, new_mu, mu)
         s = np.where(keep, np.maximum(np.sqrt(var), floor), s)

@@ -266,7 +266,8 @@ def _load_plane(path, section: int = 0, dtype=None) -> np.ndarray:
                         problems = "; ".join(str(w.message) for w in caught) or "no data block"
                         raise MicrographError(f"{path}: cannot read MRC pixels ({problems})")
                     stacked = data.ndim == 3
-                    plane = np.array(data[section] if stacked else data)  # copy out of the memory map before it closes
+                    # copy out of the memory map before it closes
+                    plane = np.array(data[section] if stacked else data)
             except MicrographError:
                 raise
             except (ValueError, OSError) as exc:
