@@ -111,6 +111,8 @@ def main(argv=None):
     r.add_argument("--labels", type=int, default=100)
     r.add_argument("--objectives", nargs="+", default=list(OBJECTIVES))
     r.add_argument("--workers", type=int, default=2)
+    r.add_argument("--model", default=None, help="network (conv3, resnet8; default: the default conv3)")
+    r.add_argument("--epochs", type=int, default=None, help="training epochs (default: the default schedule's 5)")
     r.add_argument("--out", default="bench_out")
     s = sub.add_parser("labels")
     s.add_argument("--counts", type=int, nargs="+", default=[10, 50, 100, 250])
@@ -129,10 +131,11 @@ def main(argv=None):
     t0 = time.perf_counter()
     if args.bench == "real":
         ds = common.get_dataset(args.dataset)
-        jobs = [(ds, obj, seed, args.labels) for obj in args.objectives for seed in args.seeds]
+        train_kw = {k: v for k, v in dict(model=args.model, epochs=args.epochs).items() if v is not None}
+        jobs = [(ds, obj, seed, args.labels, 0.0, train_kw) for obj in args.objectives for seed in args.seeds]
         results = _parallel(jobs, args.workers)
         table = _summary(results, ["objective"])
-        name = f"quality_{args.dataset}"
+        name = f"quality_{args.dataset}" + "".join(f"_{k}{v}" for k, v in train_kw.items())
     else:
         ds = common.get_dataset("synthetic", workdir=out, n_micrographs=8, shape=(512, 512), radius=12.0,
                                 n_train=6, downsample=1)
