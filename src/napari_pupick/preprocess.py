@@ -111,7 +111,11 @@ def downsample(image, factor: int) -> np.ndarray:
     ndarray, shape (H // factor, W // factor), float32
     """
     factor = _check_factor(factor)
-    x = _as_image(image)
+    return _fourier_bin(_as_image(image), factor)
+
+
+def _fourier_bin(x: np.ndarray, factor: int) -> np.ndarray:
+    """:func:`downsample` of an image already checked by ``_as_image``."""
     if factor == 1:
         return np.array(x, dtype=np.float32, copy=True)
     from scipy import fft
@@ -684,7 +688,7 @@ class Preprocessor:
             raise ValueError(f"unknown normalization method {self.method!r} (use one of {', '.join(METHODS)})")
 
     def _bin(self, image, what="image") -> np.ndarray:
-        return downsample(_as_image(image, what), self.downsample)
+        return _fourier_bin(_as_image(image, what), self.downsample)
 
     def fit(self, images) -> Preprocessor:
         """Fit the normalization on raw micrographs (downsampled first). Returns ``self``."""
