@@ -227,15 +227,13 @@ def synthetic(folder, n_micrographs: int = 8, shape=(1024, 1024), radius: float 
     stamp = folder / "params.txt"
     particles_path = folder / "particles.txt"
     if overwrite or not stamp.is_file() or stamp.read_text() != repr(params):
-        import mrcfile
-
+        from napari_pupick.io import write_micrograph
         from napari_pupick.synthetic import make_synthetic
 
         synth = make_synthetic(n_micrographs=n_micrographs, shape=tuple(shape), radius=radius, snr=snr, seed=seed)
         (folder / "micrographs").mkdir(parents=True, exist_ok=True)
         for name, image in zip(synth.names, synth.micrographs):
-            with mrcfile.new(folder / "micrographs" / f"{name}.mrc", overwrite=True) as mrc:
-                mrc.set_data(np.asarray(image, dtype=np.float32))
+            write_micrograph(folder / "micrographs" / f"{name}.mrc", image)
         table = synth.particles.rename(columns={"micrograph": "image_name", "x": "x_coord", "y": "y_coord"})
         table[["image_name", "x_coord", "y_coord"]].to_csv(particles_path, sep="\t", index=False)
         stamp.write_text(repr(params))

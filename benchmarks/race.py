@@ -69,10 +69,8 @@ def stage_normalize(ds, threads):
     """
     import tempfile
 
-    import mrcfile
-
     _limit(threads)
-    from napari_pupick.io import read_micrograph
+    from napari_pupick.io import read_micrograph, write_micrograph
     from napari_pupick.preprocess import Preprocessor, downsample, fit_gmm, gmm_normalize
 
     paths = list(ds.micrograph_paths())
@@ -85,15 +83,13 @@ def stage_normalize(ds, threads):
             b = downsample(read_micrograph(path), ds.downsample)
             fit = fit_gmm([b])
             out = gmm_normalize(b, fit.gmm, fit.scales[0])
-            with mrcfile.new(os.path.join(tmp, f"{i}.mrc"), overwrite=True) as mrc:
-                mrc.set_data(out)
+            write_micrograph(os.path.join(tmp, f"{i}.mrc"), out)
             walls.append(time.perf_counter() - w0)
             cpus.append(_cpu() - c0)
         w0, c0 = time.perf_counter(), _cpu()
         pre = Preprocessor(downsample=ds.downsample, method="gmm")
         for i, out in enumerate(pre.fit_transform(read_micrograph(p) for p in paths)):
-            with mrcfile.new(os.path.join(tmp, f"s{i}.mrc"), overwrite=True) as mrc:
-                mrc.set_data(out)
+            write_micrograph(os.path.join(tmp, f"s{i}.mrc"), out)
         shared_wall = (time.perf_counter() - w0) / len(paths)
         shared_cpu = (_cpu() - c0) / len(paths)
     raws = [read_micrograph(p) for p in paths[:3]]

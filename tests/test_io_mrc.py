@@ -10,7 +10,14 @@ import pytest
 import tifffile
 
 from napari_pupick.errors import MicrographError
-from napari_pupick.io import list_micrographs, micrograph_info, micrograph_name, open_stack, read_micrograph
+from napari_pupick.io import (
+    list_micrographs,
+    micrograph_info,
+    micrograph_name,
+    open_stack,
+    read_micrograph,
+    write_micrograph,
+)
 from napari_pupick.io import mrc as mrc_module
 
 
@@ -222,3 +229,26 @@ def test_mixed_dtypes_stack_to_a_common_dtype(tmp_path):
     stack = open_stack(tmp_path)
     assert stack.data.dtype == np.float32
     np.testing.assert_array_equal(stack.data.compute()[:, 0, 0], [7.0, 0.5])
+
+
+def test_write_micrograph_round_trip_and_atomic(tmp_path, monkeypatch):
+    image = np.arange(12 * 10, dtype=np.float64).reshape(12, 10) / 7.0
+    path = write_micrograph(tmp_path / "m.mrc", image, pixel_size=1.5)
+    back = read_micrograph(path)
+    assert back.dtype == np.float32 and back.shape == (12, 10)
+    np.testing.assert_allclose(back, image.astype(np.float32))
+    assert micrograph_info(path)["pixel_size"] == pytest.approx(1.5)
+    # a failed write leaves the existing file as it was and no temporary file behind
+    with pytest.raises(MicrographError, match="2-D"):
+        write_micrograph(path, np.zeros((2, 3, 4)))
+    np.testing.assert_array_equal(read_micrograph(path), back)
+
+    def broken(self, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mrcfile.mrcfile.MrcFile, "set_data", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_micrograph(path, np.ones((4, 4)))
+    monkeypatch.undo()
+    np.testing.assert_array_equal(read_micrograph(path), back)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mrc"]

@@ -160,10 +160,9 @@ def _read_micrographs(specs, quiet=False):
 
 
 def cmd_normalize(args) -> int:
-    import mrcfile
     from tqdm.auto import tqdm
 
-    from napari_pupick.io import list_micrographs, micrograph_name, read_micrograph
+    from napari_pupick.io import list_micrographs, micrograph_name, read_micrograph, write_micrograph
     from napari_pupick.preprocess import Preprocessor
 
     paths = list_micrographs(args.micrographs)
@@ -175,11 +174,7 @@ def cmd_normalize(args) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for name, image in tqdm(list(zip(names, normalized)), desc="write", unit="mic", disable=args.quiet):
-        target = out / f"{name}.mrc"
-        tmp = target.with_suffix(".mrc.tmp")
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(image.astype("float32", copy=False))
-        os.replace(tmp, target)
+        write_micrograph(out / f"{name}.mrc", image)
     (out / "preprocess.json").write_text(json.dumps(pre.to_dict(), indent=2))
     print(f"wrote {len(names)} normalized micrographs and preprocess.json to {out}")
     return 0

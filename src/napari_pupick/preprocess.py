@@ -415,8 +415,10 @@ def _em(c, n, floor, a, w, mu, s, max_iter, tol, fixed_mixture=False, accelerate
 
     while len(lls) < max_iter:
         th1, done = step(theta)
-        if done or len(lls) >= max_iter:
-            theta = theta if done else th1
+        if done:
+            break
+        if len(lls) >= max_iter:
+            theta = th1
             break
         if not accelerate:
             theta = th1

@@ -57,19 +57,14 @@ class SyntheticSet:
 
         Returns a dict with the paths: ``micrographs`` (list), ``particles`` and ``labels`` (STAR files).
         """
-        import mrcfile
-
-        from napari_pupick.io.coords import write_coordinates
+        from napari_pupick.io import write_coordinates, write_micrograph
 
         folder = Path(folder)
         (folder / "micrographs").mkdir(parents=True, exist_ok=True)
         paths = []
         for name, image in zip(self.names, self.micrographs):
             path = folder / "micrographs" / f"{name}.mrc"
-            with mrcfile.new(path, overwrite=True) as mrc:
-                mrc.set_data(image.astype(np.float32))
-                mrc.voxel_size = self.params.get("pixel_size", 1.0)
-            paths.append(path)
+            paths.append(write_micrograph(path, image, self.params.get("pixel_size", 1.0)))
         particles = folder / "particles.star"
         labels = folder / "labels.star"
         write_coordinates(self.particles.assign(score=1.0), particles)

@@ -20,6 +20,7 @@ from napari_pupick.io.mrc import (
     micrograph_name,
     open_stack,
     read_micrograph,
+    write_micrograph,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "read_micrograph",
     "validate_in_bounds",
     "write_coordinates",
+    "write_micrograph",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "micrograph_name",
     "open_stack",
     "read_micrograph",
+    "write_micrograph",
 ]
 
 #: File extensions read as micrographs (compared case-insensitively).
@@ -313,6 +314,41 @@ def read_micrograph(path) -> np.ndarray:
             "(a stack of micrographs should be saved as .mrcs and opened with open_stack())"
         )
     return _load_plane(h.path, 0)
+
+
+def write_micrograph(path, image, pixel_size: float | None = None) -> Path:
+    """Write one 2-D image as a float32 MRC file, atomically (a temporary file renamed over ``path``).
+
+    Parameters
+    ----------
+    path : str or Path
+        Target file (its folder must exist).
+    image : array_like, shape (H, W)
+    pixel_size : float, optional
+        Stored as the voxel size (Angstrom per pixel).
+
+    Returns
+    -------
+    Path
+        ``path``. On any error no file is left behind and an existing ``path`` is unchanged.
+    """
+    import mrcfile
+
+    path = Path(path)
+    data = np.asarray(image, dtype=np.float32)
+    if data.ndim != 2:
+        raise MicrographError(f"{path}: expected a 2-D image to write, got shape {data.shape}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(data)
+            if pixel_size:
+                mrc.voxel_size = float(pixel_size)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
