@@ -68,7 +68,7 @@ def test_train_extract_evaluate_end_to_end(synth_files, tmp_path):
     assert rc == 0 and model.exists()
     picks = tmp_path / "picks.star"
     assert main(["extract", str(folder / "micrographs"), "--model", str(model), "-o", str(picks),
-                 "--threads", "1", "-q"]) == 0
+                 "--all-candidates", "--threads", "1", "-q"]) == 0
     table = read_coordinates(picks)
     assert set(table["micrograph"]) <= set(synth.names) and len(table) > 0
     assert table["score"].notna().all()

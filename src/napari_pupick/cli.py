@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "per-micrograph .star files)")
     p.add_argument("--negatives", help="coordinates of rejected picks (explicit negatives), same formats")
     p.add_argument("--radius", "-r", type=float, required=True, help="particle radius in original pixels")
-    p.add_argument("--downsample", "-s", type=int, default=1,
-                   help="integer binning factor; aim for a particle radius of about 6-15 binned pixels")
+    p.add_argument("--downsample", "-s", default="auto",
+                   help="integer binning factor, or auto: chosen from --radius so the particle radius is about "
+                   "8 binned pixels [default: auto]")
     p.add_argument("--normalize", dest="method", choices=["gmm", "affine", "none"], default="gmm",
                    help="micrograph normalization [default: gmm]")
     p.add_argument("--expected", "-n", type=float, default=None,
@@ -102,8 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output coordinates (.star, .csv, .txt, .box) or a folder with --per-micrograph")
     p.add_argument("--radius", "-r", type=float, default=None,
                    help="NMS radius in original pixels [default: the model's particle radius]")
-    p.add_argument("--threshold", "-t", type=float, default=-6.0, help="logit threshold [default: -6]")
-    p.add_argument("--margin", type=float, default=0.0, help="drop picks this close to the edge (original px)")
+    p.add_argument("--threshold", "-t", type=float, default=None,
+                   help="logit threshold [default: the model's calibrated threshold, printed by pupick train]")
+    p.add_argument("--all-candidates", action="store_true",
+                   help="write every candidate down to logit -6 (to filter by score later) instead of the picks "
+                   "above the threshold")
+    p.add_argument("--margin", type=float, default=None,
+                   help="drop picks this close to the edge, original px [default: the particle radius]")
     p.add_argument("--tta", action="store_true", help="average scores over four 90-degree rotations")
     p.add_argument("--per-micrograph", action="store_true",
                    help="one STAR file per micrograph in the output folder (RELION's coordinate import)")
@@ -204,7 +210,16 @@ def cmd_train(args) -> int:
                                       seed=args.seed, device=args.device).items() if v is not None}
     init = Checkpoint.load(args.init) if args.init else None
     t0 = time.perf_counter()
-    ckpt = train_picker(images, names, labels, radius=args.radius, downsample=args.downsample,
+    from napari_pupick.calibration import choose_downsample, parse_downsample
+    from napari_pupick.io import micrograph_info
+
+    pixel_size = micrograph_info(paths[0])["pixel_size"] or None
+    binning = choose_downsample(args.radius, pixel_size, parse_downsample(args.downsample))
+    print(binning.describe())
+    if binning.warning:
+        print(f"warning: {binning.warning}", file=sys.stderr)
+    ckpt = train_picker(images, names, labels, radius=args.radius, downsample=binning.factor,
+                        pixel_size=pixel_size,
                         normalization=args.method, expected_particles=expected, negatives=negatives,
                         holdout=holdout, init=init, progress=not args.quiet, **config)
     ckpt.save(args.output)
@@ -224,7 +239,10 @@ def cmd_extract(args) -> int:
 
     threads = _threads(args)
     paths = list_micrographs(args.micrographs)
-    kw = dict(radius=args.radius, threshold=args.threshold, margin=args.margin)
+    from napari_pupick.pipeline import ALL_CANDIDATES
+
+    threshold = ALL_CANDIDATES if args.all_candidates else args.threshold
+    kw = dict(radius=args.radius, threshold=threshold, margin=args.margin)
     if args.scheduler:
         from dask.distributed import Client
 

@@ -21,7 +21,14 @@ import pandas as pd
 
 from napari_pupick.errors import CoordinateError, TrainingError
 
+#: The NMS floor: extracting down to this logit keeps every candidate (to filter by score later).
+ALL_CANDIDATES = -6.0
+#: Threshold of a checkpoint trained before thresholds were calibrated (it has no ``metrics["threshold"]``).
+FALLBACK_THRESHOLD = 0.0
+
 __all__ = [
+    "ALL_CANDIDATES",
+    "FALLBACK_THRESHOLD",
     "Picker",
     "prepare_images",
     "labels_to_binned",
@@ -69,7 +76,8 @@ def training_run(
     labels: pd.DataFrame,
     *,
     radius: float,
-    downsample: int = 1,
+    downsample: int | str = "auto",
+    pixel_size: float | None = None,
     normalization: str = "gmm",
     expected_particles: float | None = None,
     negatives: pd.DataFrame | None = None,
@@ -86,7 +94,9 @@ def training_run(
     names : micrograph names, one per image (the ``micrograph`` values of ``labels``).
     labels : DataFrame with micrograph, x, y in original pixels.
     radius : particle radius in ORIGINAL pixels (divided by ``downsample`` for the network).
-    downsample : integer binning factor.
+    downsample : integer binning factor, or ``'auto'`` (default): chosen from the radius by
+        :func:`~napari_pupick.calibration.choose_downsample` (the choice is in ``trainer.binning``).
+    pixel_size : Angstrom per original pixel, when known (reported with the binning).
     normalization : 'gmm', 'affine' or 'none' (ignored when ``preprocessor`` is given, e.g. a fitted one).
     expected_particles : expected particles per micrograph (sets the class prior pi).
     negatives : rejected picks (micrograph, x, y) in original pixels, or None.
@@ -109,16 +119,20 @@ def training_run(
         raise CoordinateError(
             f"labels name micrographs that are not open: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
         )
+    from napari_pupick.calibration import choose_downsample
+
     if preprocessor is None:
-        preprocessor = Preprocessor(downsample=int(downsample), method=normalization)
+        binning = choose_downsample(radius, pixel_size, downsample)
+        preprocessor = Preprocessor(downsample=binning.factor, method=normalization)
         images = prepare_images(raw_images, preprocessor, fit=True)
     else:
+        binning = choose_downsample(radius, pixel_size, int(preprocessor.downsample))
         images = [preprocessor.transform(im) for im in raw_images]
     factor = int(preprocessor.downsample)
     cfg = TrainConfig(particle_radius=float(radius) / factor, expected_particles=expected_particles, **config)
     positives = labels_to_binned(labels, factor, names)
     neg = labels_to_binned(negatives, factor, names) if negatives is not None and len(negatives) else None
-    return Trainer(
+    trainer = Trainer(
         images,
         list(names),
         positives,
@@ -128,6 +142,8 @@ def training_run(
         init=init,
         preprocess=preprocessor.to_dict(),
     )
+    trainer.binning = binning
+    return trainer
 
 
 def train_picker(raw_images, names, labels, *, progress: bool = False, **kwargs):
@@ -193,9 +209,25 @@ class Picker:
         return None if r is None else float(r) * self.factor
 
     @property
+    def threshold(self) -> float:
+        """The model's calibrated logit threshold (``checkpoint.metrics["threshold"]``, set by training without
+        ground truth); :data:`FALLBACK_THRESHOLD` for a checkpoint that has none."""
+        t = (self.checkpoint.metrics or {}).get("threshold")
+        return FALLBACK_THRESHOLD if t is None or not np.isfinite(float(t)) else float(t)
+
+    @property
+    def margin(self) -> float:
+        """Default edge margin in original pixels (:func:`~napari_pupick.calibration.default_margin` of the
+        model's particle radius; 0 when the radius is unknown)."""
+        from napari_pupick.calibration import default_margin
+
+        r = self.particle_radius
+        return default_margin(r) if r else 0.0
+
+    @property
     def suggested_threshold(self) -> float | None:
-        """The F2-optimal logit threshold found on held-out labels during training, when known."""
-        t = (self.checkpoint.metrics or {}).get("threshold_f2")
+        """The calibrated threshold when the checkpoint has one (None otherwise)."""
+        t = (self.checkpoint.metrics or {}).get("threshold")
         return None if t is None else float(t)
 
     def prepare(self, raw: np.ndarray) -> np.ndarray:
@@ -209,15 +241,21 @@ class Picker:
         x = image if prepared else self.prepare(image)
         return score_micrograph(self.model, x, device=self.device, tile=self.tile, tta=self.tta)
 
-    def extract(self, logits: np.ndarray, name=None, *, radius=None, threshold=-6.0, margin=0.0,
+    def extract(self, logits: np.ndarray, name=None, *, radius=None, threshold=None, margin=None,
                 image=None, std_filter=None) -> pd.DataFrame:
-        """Non-maximum suppression on a logit map; ``radius`` and ``margin`` in ORIGINAL pixels; picks out in
-        original pixels."""
+        """Non-maximum suppression on a logit map; picks out in original pixels.
+
+        ``radius`` (NMS) and ``margin`` (edge) are in ORIGINAL pixels and default to the model's particle radius
+        and :attr:`margin`; ``threshold`` (a logit) defaults to the calibrated :attr:`threshold`. Pass
+        ``threshold=ALL_CANDIDATES`` (-6) to keep every candidate for filtering later.
+        """
         from napari_pupick.extract import extract_picks
 
         radius = self.particle_radius if radius is None else float(radius)
         if radius is None:
             raise ValueError("no particle radius: pass radius= (original pixels)")
+        threshold = self.threshold if threshold is None else float(threshold)
+        margin = self.margin if margin is None else float(margin)
         return extract_picks(
             logits,
             radius / self.factor,
