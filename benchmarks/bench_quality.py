@@ -26,7 +26,6 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -70,19 +69,6 @@ def run_one(ds, objective: str, seed: int, n_labels: int, autoencoder: float = 0
                 train_s=train_s, pick_s_per_mic=pick_s)
 
 
-def _run(args):
-    return run_one(*args)
-
-
-def _parallel(jobs, workers):
-    results = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for res in pool.map(_run, jobs):
-            print(json.dumps(res), flush=True)
-            results.append(res)
-    return results
-
-
 def _summary(results, keys):
     import pandas as pd
 
@@ -90,14 +76,6 @@ def _summary(results, keys):
     g = df.groupby(keys)["ap"]
     table = pd.DataFrame({"AP mean": g.mean(), "AP sd": g.std(ddof=1), "runs": g.size()}).reset_index()
     return table
-
-
-def markdown(df) -> str:
-    """A pandas table as a markdown table (floats to 3 decimals)."""
-    fmt = [lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)]
-    rows = [" | ".join(df.columns)] + [" | ".join("---" for _ in df.columns)]
-    rows += [" | ".join(fmt[0](v) for v in rec) for rec in df.itertuples(index=False)]
-    return "\n".join(f"| {r} |" for r in rows)
 
 
 def main(argv=None):
@@ -133,7 +111,7 @@ def main(argv=None):
         ds = common.get_dataset(args.dataset)
         train_kw = {k: v for k, v in dict(model=args.model, epochs=args.epochs).items() if v is not None}
         jobs = [(ds, obj, seed, args.labels, 0.0, train_kw) for obj in args.objectives for seed in args.seeds]
-        results = _parallel(jobs, args.workers)
+        results = common.parallel(run_one, jobs, args.workers)
         table = _summary(results, ["objective"])
         name = f"quality_{args.dataset}" + "".join(f"_{k}{v}" for k, v in train_kw.items())
     else:
@@ -147,7 +125,7 @@ def main(argv=None):
                     for ae in ((0.0,) if args.no_autoencoder else (0.0, 10.0 / n)):
                         for k in args.prior_scales:
                             jobs.append((ds, obj, seed, n, ae, train_kw, k))
-        results = _parallel(jobs, args.workers)
+        results = common.parallel(run_one, jobs, args.workers)
         for res in results:
             res["autoencoder_on"] = res["autoencoder"] > 0
         keys = ["n_labels", "objective", "autoencoder_on"] + (["prior_scale"] if len(args.prior_scales) > 1 else [])
@@ -156,7 +134,7 @@ def main(argv=None):
             "_prior" if len(args.prior_scales) > 1 else "")
     wall = time.perf_counter() - t0
     (out / f"{name}.json").write_text(json.dumps(dict(results=results, wall_s=wall), indent=2))
-    print(markdown(table))
+    print(common.markdown(table))
     print(f"\n{len(results)} runs in {wall / 60:.1f} min -> {out / (name + '.json')}")
 
 

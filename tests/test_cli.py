@@ -64,7 +64,7 @@ def test_train_extract_evaluate_end_to_end(synth_files, tmp_path):
     synth, files, folder = synth_files
     model = tmp_path / "model.pt"
     rc = main(["train", str(folder / "micrographs"), "--labels", str(files["labels"]), "--radius", "12",
-               "--downsample", "2", "--expected", "35", "--holdout", "0.5", "-o", str(model), *TINY])
+               "--downsample", "2", "--expected", "35", "-o", str(model), *TINY])
     assert rc == 0 and model.exists()
     picks = tmp_path / "picks.star"
     assert main(["extract", str(folder / "micrographs"), "--model", str(model), "-o", str(picks),
@@ -80,6 +80,45 @@ def test_train_extract_evaluate_end_to_end(synth_files, tmp_path):
     ap = json.loads((tmp_path / "m.json").read_text())["ap"]
     # chance level: the fraction of candidate positions that are particles is a few percent
     assert ap > 0.3
+
+
+def test_minimal_command_chooses_and_uses_the_defaults(synth_files, tmp_path, capsys):
+    """``train`` with micrographs, labels and radius only prints the binning, the estimated count and the
+    threshold; ``extract`` without flags writes exactly the picks at or above that threshold, outside the margin;
+    ``--all-candidates`` writes more; ``convert --model`` applies the same threshold."""
+    from napari_pupick.calibration import choose_downsample
+    from napari_pupick.training import Checkpoint
+
+    synth, files, folder = synth_files
+    model = tmp_path / "model.pt"
+    assert main(["train", str(folder / "micrographs"), "--labels", str(files["labels"]), "--radius", "12",
+                 "-o", str(model), *TINY]) == 0
+    out = capsys.readouterr().out
+    factor = choose_downsample(12).factor
+    assert f"binning {factor} (auto)" in out and "particles per micrograph" in out and "default threshold" in out
+    ckpt = Checkpoint.load(model)
+    threshold = ckpt.metrics["threshold"]
+    assert ckpt.metrics["expected_source"] == "estimated" and ckpt.metrics["expected_particles"] > 0
+    assert ckpt.metrics["kept"].startswith("kept ")
+    assert int(ckpt.preprocess["downsample"]) == factor
+
+    default, every = tmp_path / "picks.star", tmp_path / "all.star"
+    assert main(["extract", str(folder / "micrographs"), "--model", str(model), "-o", str(default), "-q"]) == 0
+    assert main(["extract", str(folder / "micrographs"), "--model", str(model), "-o", str(every),
+                 "--all-candidates", "-q"]) == 0
+    picks, candidates = read_coordinates(default), read_coordinates(every)
+    assert len(picks) > 0 and (picks["score"] >= threshold - 1e-6).all()
+    assert len(candidates) > len(picks)
+    assert (candidates["score"] < threshold).any()
+    # the default margin is one particle radius: nothing closer to the border
+    assert (picks[["x", "y"]].to_numpy() >= 12 - 1e-6).all()
+    assert (picks[["x", "y"]].to_numpy() <= 320 - 1 - 12 + 1e-6).all()
+    # the same picks (within a pixel of the margin) as the candidates above the threshold
+    above = candidates[(candidates["score"] >= threshold)]
+    assert len(above) == len(picks)
+    converted = tmp_path / "converted.csv"
+    assert main(["convert", str(every), str(converted), "--model", str(model)]) == 0
+    assert len(read_coordinates(converted, format="csv")) == len(picks)
 
 
 def test_train_without_labels_fails_cleanly(synth_files, tmp_path, capsys):

@@ -16,12 +16,11 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 EPILOG = """\
-A typical session:
-  pupick train micrographs/ --labels my_clicks.star --radius 30 --downsample 4 \\
-        --expected 150 --holdout 0.2 -o model.pt
+A typical session (binning, particle count, threshold and edge margin are chosen from the data and printed):
+  pupick train micrographs/ --labels my_clicks.star --radius 30 -o model.pt
   pupick extract micrographs/ --model model.pt -o picks.star
   pupick evaluate picks.star --truth ground_truth.star --radius 15
-  pupick convert picks.star picks_relion/ --per-micrograph --threshold 0
+  pupick convert picks.star picks_relion/ --per-micrograph
 Run the whole loop on built-in synthetic data:  pupick demo
 """
 
@@ -35,6 +34,15 @@ def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
                    help="CPU threads for torch [default: $PUPICK_THREADS or 1 per process]")
     g.add_argument("--seed", type=int, default=0, help="random seed [default: 0]")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _downsample_arg(text: str):
+    from napari_pupick.calibration import parse_downsample
+
+    try:
+        return parse_downsample(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "micrograph and preprocess.json with the fitted mixture, reusable at prediction.")
     p.add_argument("micrographs", nargs="+", help=mic_help)
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--downsample", "-s", type=int, default=1, help="integer binning factor [default: 1]")
+    p.add_argument("--downsample", "-s", default=None, type=_downsample_arg,
+                   help="integer binning factor, or auto (needs --radius) [default: auto with --radius, else 1]")
+    p.add_argument("--radius", "-r", type=float, default=None,
+                   help="particle radius in original pixels (chooses the binning as pupick train does)")
     p.add_argument("--method", choices=["gmm", "affine", "none"], default="gmm",
                    help="gmm: two-component mixture shared by all micrographs (carbon vs ice); "
                    "affine: (x - mean) / std [default: gmm]")
@@ -72,14 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "per-micrograph .star files)")
     p.add_argument("--negatives", help="coordinates of rejected picks (explicit negatives), same formats")
     p.add_argument("--radius", "-r", type=float, required=True, help="particle radius in original pixels")
-    p.add_argument("--downsample", "-s", default="auto",
+    p.add_argument("--downsample", "-s", default="auto", type=_downsample_arg,
                    help="integer binning factor, or auto: chosen from --radius so the particle radius is about "
-                   "8 binned pixels [default: auto]")
+                   "12 binned pixels [default: auto]")
     p.add_argument("--normalize", dest="method", choices=["gmm", "affine", "none"], default="gmm",
                    help="micrograph normalization [default: gmm]")
     p.add_argument("--expected", "-n", type=float, default=None,
-                   help="expected particles per micrograph (sets the class prior pi) [default: guess from "
-                   "label density]")
+                   help="expected particles per micrograph (sets the class prior pi) [default: estimated from the "
+                   "data in a first training round, printed]")
     p.add_argument("--objective", choices=["ge-binomial", "ge-kl", "nnpu", "pn"], default="ge-binomial",
                    help="training objective [default: ge-binomial]")
     p.add_argument("--model", default="conv3", help="conv3 or resnet8 [default: conv3]")
@@ -87,9 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="minibatches per epoch")
     p.add_argument("--autoencoder", type=float, default=None,
                    help="autoencoder regularization weight gamma (0 = off; helps below ~250 labels)")
-    p.add_argument("--holdout", type=float, default=0.0,
-                   help="fraction of labelled micrographs held out to report average precision per epoch")
-    p.add_argument("--init", help="checkpoint to continue training from")
+    p.add_argument("--init", help="checkpoint to start training from")
     p.add_argument("-o", "--output", required=True, help="checkpoint file to write (.pt)")
     _add_common(p)
 
@@ -133,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="input coordinates (file, or folder of per-micrograph STAR files)")
     p.add_argument("output", help="output file, or folder with --per-micrograph")
     p.add_argument("--threshold", "-t", type=float, default=None, help="keep picks with score >= this")
+    p.add_argument("--model", "-m", default=None,
+                   help="keep picks at or above this model's calibrated threshold (instead of --threshold)")
     p.add_argument("--per-micrograph", action="store_true", help="one STAR file per micrograph")
     p.add_argument("--scale", type=float, default=1.0, help="multiply coordinates by this factor")
     p.add_argument("--box-size", type=float, default=None, help="box size for .box output")
@@ -173,7 +184,19 @@ def cmd_normalize(args) -> int:
 
     paths = list_micrographs(args.micrographs)
     names = [micrograph_name(p) for p in paths]
-    pre = Preprocessor(downsample=args.downsample, method=args.method)
+    factor = args.downsample
+    if args.radius is not None:
+        from napari_pupick.calibration import choose_downsample
+
+        binning = choose_downsample(args.radius, None, factor or "auto")
+        factor = binning.factor
+        print(binning.describe())
+        if binning.warning:
+            print(f"warning: {binning.warning}", file=sys.stderr)
+    elif factor == "auto":
+        print("pupick normalize: error: --downsample auto needs --radius", file=sys.stderr)
+        return 2
+    pre = Preprocessor(downsample=factor or 1, method=args.method)
     # one pass over the files: each is read and binned as it comes, the mixture is fit on the binned images
     reading = (read_micrograph(p) for p in tqdm(paths, desc="read and bin", unit="mic", disable=args.quiet))
     normalized = pre.fit_transform(reading)
@@ -186,48 +209,37 @@ def cmd_normalize(args) -> int:
     return 0
 
 
-def _guess_expected(labels, names) -> float:
-    counts = labels.groupby("micrograph").size()
-    return float(max(counts.max() if len(counts) else 1, 1) * 1.0)
-
-
 def cmd_train(args) -> int:
-    from napari_pupick.io import read_coordinates
-    from napari_pupick.pipeline import split_holdout, train_picker
+    from napari_pupick.calibration import choose_downsample
+    from napari_pupick.io import micrograph_info, read_coordinates
+    from napari_pupick.pipeline import train_picker
     from napari_pupick.training import Checkpoint
 
     _threads(args)
     paths, names, images = _read_micrographs(args.micrographs, args.quiet)
     labels = read_coordinates(args.labels)
     negatives = read_coordinates(args.negatives) if args.negatives else None
-    expected = args.expected
-    if expected is None:
-        expected = _guess_expected(labels, names)
-        print(f"--expected not given: assuming {expected:g} particles per micrograph (the most labelled on one)")
-    holdout = split_holdout(names, labels, args.holdout, seed=args.seed)
+    pixel_size = micrograph_info(paths[0])["pixel_size"] or None
+    binning = choose_downsample(args.radius, pixel_size, args.downsample)
+    print(binning.describe())
+    if binning.warning:
+        print(f"warning: {binning.warning}", file=sys.stderr)
     config = {k: v for k, v in dict(model=args.model, objective=args.objective, epochs=args.epochs,
                                       steps_per_epoch=args.steps, autoencoder=args.autoencoder,
                                       seed=args.seed, device=args.device).items() if v is not None}
     init = Checkpoint.load(args.init) if args.init else None
     t0 = time.perf_counter()
-    from napari_pupick.calibration import choose_downsample, parse_downsample
-    from napari_pupick.io import micrograph_info
-
-    pixel_size = micrograph_info(paths[0])["pixel_size"] or None
-    binning = choose_downsample(args.radius, pixel_size, parse_downsample(args.downsample))
-    print(binning.describe())
-    if binning.warning:
-        print(f"warning: {binning.warning}", file=sys.stderr)
-    ckpt = train_picker(images, names, labels, radius=args.radius, downsample=binning.factor,
-                        pixel_size=pixel_size,
-                        normalization=args.method, expected_particles=expected, negatives=negatives,
-                        holdout=holdout, init=init, progress=not args.quiet, **config)
+    ckpt = train_picker(images, names, labels, radius=args.radius, downsample=binning.factor, pixel_size=pixel_size,
+                        normalization=args.method, expected_particles=args.expected, negatives=negatives,
+                        init=init, progress=not args.quiet, log=print, **config)
     ckpt.save(args.output)
-    msg = f"trained in {time.perf_counter() - t0:.1f} s; wrote {args.output}"
-    ap = (ckpt.metrics or {}).get("heldout_ap")
-    if ap is not None:
-        msg += f"; held-out AP {ap:.3f} on {', '.join(holdout)}"
-    print(msg)
+    m = ckpt.metrics or {}
+    print(f"trained in {time.perf_counter() - t0:.1f} s; wrote {args.output}")
+    if m.get("threshold") is not None:
+        count = m.get("expected_particles")
+        how = m.get("expected_source", "estimated")
+        print(f"default threshold {m['threshold']:.2f} (used by pupick extract); particles per micrograph "
+              f"{count:.0f} ({how}); edge margin {binning.radius:g} px")
     return 0
 
 
@@ -286,8 +298,22 @@ def cmd_convert(args) -> int:
     from napari_pupick.io import read_coordinates, write_coordinates
 
     table = read_coordinates(args.input)
-    if args.threshold is not None:
-        table = table[table["score"] >= args.threshold]
+    threshold = args.threshold
+    if args.model is not None:
+        from napari_pupick.training import Checkpoint
+
+        if threshold is not None:
+            print("pupick convert: error: give --threshold or --model, not both", file=sys.stderr)
+            return 2
+        t = (Checkpoint.load(args.model).metrics or {}).get("threshold")
+        if t is None:
+            print(f"pupick convert: error: {args.model} has no calibrated threshold (trained before calibration was "
+                  f"added): give --threshold", file=sys.stderr)
+            return 2
+        threshold = float(t)
+        print(f"threshold {threshold:.2f} from {args.model}")
+    if threshold is not None:
+        table = table[table["score"] >= threshold]
     if args.scale != 1.0:
         table = table.assign(x=table["x"] * args.scale, y=table["y"] * args.scale)
     write_coordinates(table, args.output, per_micrograph=args.per_micrograph, box_size=args.box_size)

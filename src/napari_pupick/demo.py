@@ -58,16 +58,18 @@ def plot_picks(image, picks, truth=None, match_radius=None, path=None, title=Non
 
 
 def run_demo(output="demo_out", n_micrographs=8, n_labels=40, seed=0, device="auto", progress=True,
-             shape=(768, 768), radius=16.0, downsample=2, snr=0.1, **train_kwargs) -> dict:
-    """Run the loop and write everything to ``output``; returns the evaluation figures.
+             shape=(768, 768), radius=16.0, snr=0.1, **train_kwargs) -> dict:
+    """Run the loop with the defaults a user gets and write everything to ``output``; returns the figures.
 
-    Writes ``data/micrographs/*.mrc``, ``data/labels.star`` (the sparse clicks), ``data/particles.star`` (all
-    particles), ``model.pt``, ``picks.star`` (all micrographs), ``picks_relion/`` (one STAR per micrograph, picks
-    above the threshold), ``picks.csv``, ``metrics.json`` and ``picks.png``.
+    Training gets what the shortest command gives it (micrographs, labels, radius): the binning, the particle count
+    and the threshold are chosen by the package. Writes ``data/micrographs/*.mrc``, ``data/labels.star`` (the
+    sparse clicks), ``data/particles.star`` (all particles), ``model.pt``, the picks above the model's threshold as
+    ``picks.star``, ``picks.csv`` and ``picks_relion/`` (one STAR per micrograph), ``metrics.json`` and
+    ``picks.png``.
     """
     from napari_pupick.io import read_micrograph, write_coordinates
-    from napari_pupick.metrics import evaluate
-    from napari_pupick.pipeline import Picker, split_holdout, train_picker
+    from napari_pupick.metrics import evaluate, match_picks
+    from napari_pupick.pipeline import ALL_CANDIDATES, Picker, train_picker
     from napari_pupick.synthetic import make_synthetic
 
     say = print if progress else (lambda *a, **k: None)
@@ -86,39 +88,46 @@ def run_demo(output="demo_out", n_micrographs=8, n_labels=40, seed=0, device="au
     names = list(synth.names)
     train_names = names[:n_train]
     test_names = names[n_train:]
-    holdout = split_holdout(train_names, synth.labels, 0.25, seed=seed)
     t0 = time.perf_counter()
-    say(f"2/5 training on {n_train} micrographs ({len(synth.labels)} labels; held out for AP: {holdout or 'none'})")
-    ckpt = train_picker(images[:n_train], train_names, synth.labels, radius=radius, downsample=downsample,
-                        expected_particles=n_particles, holdout=holdout, seed=seed, device=device,
-                        progress=progress, **train_kwargs)
+    say(f"2/5 training on {n_train} micrographs ({len(synth.labels)} labels, radius {radius:g} px; binning, "
+        f"particle count and threshold chosen from the data)")
+    ckpt = train_picker(images[:n_train], train_names, synth.labels, radius=radius, seed=seed, device=device,
+                        progress=progress, log=say if progress else None, **train_kwargs)
     train_s = time.perf_counter() - t0
     ckpt.save(out / "model.pt")
 
     t0 = time.perf_counter()
     picker = Picker(ckpt, device=device)
-    picks = picker.pick_files(files["micrographs"], threshold=-6.0, margin=radius / 2)
+    candidates = picker.pick_files(files["micrographs"], threshold=ALL_CANDIDATES)
     pick_s = time.perf_counter() - t0
-    threshold = picker.suggested_threshold
-    threshold = 0.0 if threshold is None else threshold
-    write_coordinates(picks, out / "picks.star")
-    kept = picks[picks["score"] >= threshold]
+    threshold = picker.threshold
+    kept = candidates[candidates["score"] >= threshold].reset_index(drop=True)
+    write_coordinates(kept, out / "picks.star")
     write_coordinates(kept, out / "picks.csv")
     write_coordinates(kept, out / "picks_relion", per_micrograph=True)
-    say(f"3/5 picked {len(picks)} candidates on {len(names)} micrographs in {pick_s:.1f} s; "
-        f"{len(kept)} above threshold {threshold:.2f} -> picks.star, picks.csv, picks_relion/")
+    say(f"3/5 picked {len(kept)} particles on {len(names)} micrographs in {pick_s:.1f} s (the model's threshold "
+        f"{threshold:.2f}, edge margin {picker.margin:g} px) -> picks.star, picks.csv, picks_relion/")
 
     match_radius = radius / 2
     truth = synth.particles[synth.particles["micrograph"].isin(test_names)][["micrograph", "x", "y"]]
-    result = evaluate(picks[picks["micrograph"].isin(test_names)], truth, match_radius)
+    result = evaluate(candidates[candidates["micrograph"].isin(test_names)], truth, match_radius, beta=1.0)
     result = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
               for k, v in result.items()}
-    result.update(train_seconds=train_s, pick_seconds=pick_s, threshold=threshold, match_radius=match_radius,
-                  test_micrographs=test_names, n_labels=len(synth.labels))
+    test_kept = kept[kept["micrograph"].isin(test_names)]
+    tp = int(match_picks(test_kept, truth, match_radius).sum()) if len(test_kept) else 0
+    precision = tp / len(test_kept) if len(test_kept) else 0.0
+    recall = tp / len(truth) if len(truth) else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    result = {"ap": result["ap"], "best_f1": result["fbeta"], "best_f1_threshold": result["threshold"],
+              "f1": f1, "precision": precision, "recall": recall, "threshold": threshold,
+              "picks_on_test": int(len(test_kept)), "particles_on_test": int(len(truth)),
+              "expected_particles": (ckpt.metrics or {}).get("expected_particles"),
+              "downsample": picker.factor, "train_seconds": train_s, "pick_seconds": pick_s,
+              "match_radius": match_radius, "test_micrographs": test_names, "n_labels": len(synth.labels)}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    say(f"4/5 on {len(test_names)} unseen micrographs: average precision {result['ap']:.3f}, "
-        f"precision at 90% recall {result.get('precision_at_90', float('nan')):.3f} (match radius "
-        f"{match_radius:g} px) -> metrics.json")
+    say(f"4/5 on {len(test_names)} unseen micrographs: {len(test_kept)} picks for {len(truth)} particles, F1 {f1:.3f} "
+        f"(precision {precision:.3f}, recall {recall:.3f}); average precision {result['ap']:.3f} over all "
+        f"candidates (match radius {match_radius:g} px) -> metrics.json")
 
     name = test_names[0]
     plot_picks(images[n_train], kept[kept["micrograph"] == name], truth[truth["micrograph"] == name],

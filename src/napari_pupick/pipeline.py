@@ -56,6 +56,33 @@ def labels_to_binned(labels: pd.DataFrame, factor: int, names: Sequence[str] | N
     return table.reset_index(drop=True)
 
 
+def _check_inside(table: pd.DataFrame, shapes: dict, what: str) -> None:
+    """CoordinateError naming the micrograph when a point lies outside its (original) image."""
+    for name, rows in table.groupby("micrograph"):
+        if name not in shapes:
+            continue
+        h, w = shapes[name]
+        x, y = rows["x"].to_numpy(float), rows["y"].to_numpy(float)
+        bad = ~((x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise CoordinateError(f"micrograph {name}: {int(bad.sum())} {what}(s) outside the {w} x {h} image, e.g. "
+                                  f"x={x[i]:g}, y={y[i]:g} (original pixels)")
+
+
+def _clip_to(table: pd.DataFrame, shapes: dict) -> pd.DataFrame:
+    """Clip binned coordinates into their binned image: binning crops the last ``W % factor`` columns (and rows),
+    so a particle clicked there lies just outside the binned image."""
+    if len(table) == 0:
+        return table
+    h = table["micrograph"].map(lambda n: shapes[n][0]).to_numpy(float)
+    w = table["micrograph"].map(lambda n: shapes[n][1]).to_numpy(float)
+    out = table.copy()
+    out["x"] = np.clip(out["x"].to_numpy(float), 0.0, w - 1)
+    out["y"] = np.clip(out["y"].to_numpy(float), 0.0, h - 1)
+    return out
+
+
 def split_holdout(names: Sequence[str], labels: pd.DataFrame, fraction: float, seed: int = 0) -> list[str]:
     """Choose labelled micrographs to hold out for per-epoch average precision.
 
@@ -84,9 +111,16 @@ def training_run(
     holdout: Sequence[str] = (),
     init=None,
     preprocessor=None,
+    calibration=None,
+    margin: float | None = None,
     **config,
 ):
-    """Build a :class:`~napari_pupick.training.Trainer` from raw micrographs and labels in original pixels.
+    """Build the trainer for raw micrographs and labels in original pixels.
+
+    By default an :class:`~napari_pupick.autotrain.AutoTrainer`: two rounds that estimate the particle count (when
+    ``expected_particles`` is None) and calibrate the threshold from labels held out of the first round. With
+    ``holdout`` (micrographs held out to measure a held-out AP per epoch) a single-round
+    :class:`~napari_pupick.training.Trainer` as before.
 
     Parameters
     ----------
@@ -98,17 +132,22 @@ def training_run(
         :func:`~napari_pupick.calibration.choose_downsample` (the choice is in ``trainer.binning``).
     pixel_size : Angstrom per original pixel, when known (reported with the binning).
     normalization : 'gmm', 'affine' or 'none' (ignored when ``preprocessor`` is given, e.g. a fitted one).
-    expected_particles : expected particles per micrograph (sets the class prior pi).
+    expected_particles : expected particles per micrograph (sets the class prior pi); None: estimated.
     negatives : rejected picks (micrograph, x, y) in original pixels, or None.
-    holdout : names of labelled micrographs held out for average precision per epoch.
-    init : a Checkpoint to continue from (retraining).
+    holdout : names of labelled micrographs held out for average precision per epoch (single round).
+    init : a Checkpoint to start from (retraining, or a general starting model).
+    calibration : a previous model's ``metrics["calibration"]`` (retraining after corrections: one round, the count
+        and the number of picks carry over).
+    margin : edge margin of the calibration's candidates, ORIGINAL pixels (default: one particle radius).
     **config : any other :class:`~napari_pupick.training.TrainConfig` field.
 
     Returns
     -------
-    Trainer
-        Iterate ``trainer.run()`` for progress events; ``trainer.best`` is the model to keep.
+    AutoTrainer or Trainer
+        Iterate ``trainer.run()`` for progress events; ``trainer.best`` is the model to keep;
+        ``trainer.binning`` the binning used.
     """
+    from napari_pupick.autotrain import AutoTrainer
     from napari_pupick.preprocess import Preprocessor
     from napari_pupick.training import TrainConfig, Trainer
 
@@ -130,26 +169,34 @@ def training_run(
         images = [preprocessor.transform(im) for im in raw_images]
     factor = int(preprocessor.downsample)
     cfg = TrainConfig(particle_radius=float(radius) / factor, expected_particles=expected_particles, **config)
-    positives = labels_to_binned(labels, factor, names)
-    neg = labels_to_binned(negatives, factor, names) if negatives is not None and len(negatives) else None
-    trainer = Trainer(
-        images,
-        list(names),
-        positives,
-        cfg,
-        negatives=neg,
-        holdout=list(holdout),
-        init=init,
-        preprocess=preprocessor.to_dict(),
-    )
+    raw_shapes = {n: np.shape(im)[-2:] for n, im in zip(names, raw_images)}
+    shapes = dict(zip(names, (im.shape for im in images)))
+    _check_inside(labels, raw_shapes, "label")
+    positives = _clip_to(labels_to_binned(labels, factor, names), shapes)
+    neg = None
+    if negatives is not None and len(negatives):
+        _check_inside(negatives, raw_shapes, "negative label")
+        neg = _clip_to(labels_to_binned(negatives, factor, names), shapes)
+    if holdout:
+        if cfg.expected_particles is None and cfg.pi is None:
+            from napari_pupick.calibration import initial_expected
+
+            cfg.expected_particles = float(np.mean([initial_expected(cfg.particle_radius, im.shape) for im in images]))
+        trainer = Trainer(images, list(names), positives, cfg, negatives=neg, holdout=list(holdout), init=init,
+                          preprocess=preprocessor.to_dict())
+    else:
+        trainer = AutoTrainer(images, list(names), positives, cfg, negatives=neg, init=init,
+                              preprocess=preprocessor.to_dict(), calibration=calibration,
+                              margin=None if margin is None else float(margin) / factor)
     trainer.binning = binning
     return trainer
 
 
-def train_picker(raw_images, names, labels, *, progress: bool = False, **kwargs):
-    """Train to completion and return the best :class:`~napari_pupick.training.Checkpoint`.
+def train_picker(raw_images, names, labels, *, progress: bool = False, log=None, **kwargs):
+    """Train to completion and return the kept :class:`~napari_pupick.training.Checkpoint`.
 
-    Same arguments as :func:`training_run`; ``progress=True`` shows a tqdm bar.
+    Same arguments as :func:`training_run`; ``progress=True`` shows a tqdm bar; ``log`` (e.g. ``print``) receives
+    the messages that say what was estimated and which model was kept.
     """
     trainer = training_run(raw_images, names, labels, **kwargs)
     bar = None
@@ -164,8 +211,15 @@ def train_picker(raw_images, names, labels, *, progress: bool = False, **kwargs)
                 post = {k: f"{v:.3g}" for k, v in (event.losses or {}).items()}
                 if event.heldout_ap is not None:
                     post["AP"] = f"{event.heldout_ap:.3f}"
+                if event.monitor:
+                    post["recall"] = f"{event.monitor['label_recall']:.2f}"
+                    post["precision"] = f"{event.monitor['precision']:.2f}"
                 bar.set_postfix(post, refresh=False)
                 bar.refresh()
+            if log is not None and event.kind in ("start", "calibrated", "done", "stopped"):
+                if bar is not None:
+                    bar.clear()
+                log(event.message)
     finally:
         if bar is not None:
             bar.close()

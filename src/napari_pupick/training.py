@@ -163,7 +163,10 @@ class TrainEvent:
     ``kind`` is ``"start"``, ``"step"``, ``"epoch"`` (after an epoch's held-out evaluation), ``"done"``,
     ``"stopped"`` or ``"error"``. ``losses`` holds the step's loss terms as floats; ``heldout_ap`` the latest
     held-out average precision (None without a holdout or before the first evaluation); ``examples_per_s`` the
-    output cells entering the loss per second of training so far.
+    output cells entering the loss per second of training so far. ``monitor`` is set by
+    :class:`~napari_pupick.autotrain.AutoTrainer`: ``label_recall`` (recall of labels held out of training at the
+    calibrated threshold), ``precision`` (estimated precision there), ``threshold`` (logit) and ``expected``
+    (estimated particles per micrograph); None when not known.
     """
 
     kind: str
@@ -174,6 +177,7 @@ class TrainEvent:
     heldout_ap: float | None = None
     examples_per_s: float = 0.0
     message: str = ""
+    monitor: dict | None = None
 
 
 def _plain(obj):
