@@ -161,3 +161,16 @@ def test_threshold_for_count():
     assert sum(s >= t for s in scores) == 3 and 2.0 < t < 3.0
     assert sum(s >= threshold_for_count(scores, 0) for s in scores) == 0
     assert threshold_for_count(scores, 10) == 1.0
+
+
+def test_label_margin_shrinks_to_the_label_nearest_the_border():
+    from napari_pupick.calibration import label_margin
+
+    shapes = {"a": (100, 200), "b": (100, 200)}
+    inside = pd.DataFrame({"micrograph": ["a", "b"], "x": [50.0, 100.0], "y": [50.0, 40.0]})
+    assert label_margin(inside, shapes, 12.0) == 12.0
+    near = pd.concat([inside, pd.DataFrame({"micrograph": ["b"], "x": [194.0], "y": [50.0]})])
+    assert label_margin(near, shapes, 12.0) == pytest.approx(5.0)  # 199 - 194
+    edge = pd.concat([inside, pd.DataFrame({"micrograph": ["a"], "x": [-0.4], "y": [3.0]})])
+    assert label_margin(edge, shapes, 12.0) == 0.0
+    assert label_margin(inside, {}, 12.0) == 12.0  # labels of unknown micrographs are ignored

@@ -8,12 +8,12 @@ from napari_pupick.models import MODELS, Decoder, build_model
 
 torch.set_num_threads(1)
 
-CASES = [("conv3", 4), ("conv3", 2), ("conv3-stem1", 4), ("resnet8", 4), ("resnet8", 2)]
+CASES = [("conv3", 4), ("conv3", 2), ("conv3-stem2", 4), ("resnet8", 4), ("resnet8", 2)]
 
 
 def _tiny(name, stride, seed=0):
     torch.manual_seed(seed)
-    extra = {"stem_stride": 1} if name == "conv3-stem1" else {}
+    extra = {"stem_stride": 2} if name == "conv3-stem2" else {}
     net = build_model(name.split("-")[0], stride=stride, width=0.25, **extra)
     # Non-trivial batch-norm statistics, so that eval mode is not an identity.
     for m in net.modules():
@@ -40,10 +40,11 @@ def test_attributes_and_output_shape(name, stride):
 
 def test_receptive_fields_and_strides_documented():
     # conv 7x7 / 2, pool 3 / 2, conv 5x5, conv 5x5: 7 + 2 * 2 + 4 * 4 + 4 * 4 = 43
-    assert build_model("conv3").receptive_field == 43
-    assert build_model("conv3").hparams["stem_stride"] == 2
-    # conv 7x7, pool 3 / 2, conv 5x5, pool 3 / 2, conv 5x5: 7 + 2 + 4 * 2 + 2 * 2 + 4 * 4 = 37
-    assert build_model("conv3", stem_stride=1).receptive_field == 37
+    assert build_model("conv3", stem_stride=2).receptive_field == 43
+    # the default, the paper's layout: conv 7x7, pool 3 / 2, conv 5x5, pool 3 / 2, conv 5x5:
+    # 7 + 2 + 4 * 2 + 2 * 2 + 4 * 4 = 37
+    assert build_model("conv3").hparams["stem_stride"] == 1
+    assert build_model("conv3").receptive_field == 37
     assert build_model("conv3", stride=2, stem_stride=1).receptive_field == 25
     assert build_model("resnet8").receptive_field == 75
     assert build_model("conv3").stride == 4 and build_model("resnet8").stride == 4

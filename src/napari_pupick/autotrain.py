@@ -59,7 +59,8 @@ class AutoTrainer:
     heldout_fraction : float
         Fraction of the labels the survey holds out.
     margin : float, optional
-        Edge margin (binned pixels) of the candidates; default one particle radius.
+        Edge margin (binned pixels) of the candidates; default one particle radius. Stored in the checkpoint's
+        ``metrics["margin"]`` in original pixels (``preprocess["downsample"]`` times it).
     survey_epochs : int, optional
         Epochs of the survey round (default: ``config.epochs``).
     """
@@ -82,6 +83,7 @@ class AutoTrainer:
         self.heldout_fraction = float(heldout_fraction)
         r = float(self.config.particle_radius)
         self.margin = r if margin is None else float(margin)
+        self.factor = int((self.preprocess or {}).get("downsample", 1))
         self.match_radius = float(self.config.match_fraction) * r
         self.survey_epochs = survey_epochs
         self.given = self.config.expected_particles
@@ -287,7 +289,8 @@ class AutoTrainer:
             yield TrainEvent("stopped", step, 0, total, message="stopped before the first step: no model to keep")
             return
         ref = cal or self.previous
-        metrics = {"step": step, "round": "final" if final is not None else "survey"}
+        metrics = {"step": step, "round": "final" if final is not None else "survey",
+                   "margin": float(self.margin * self.factor)}
         if threshold is not None:
             metrics["threshold"] = float(threshold)
         if ref is not None:

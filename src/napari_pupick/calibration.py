@@ -4,7 +4,8 @@ Everything here is plain numpy/pandas over pick tables (no torch, no napari), so
 session and scripts derive the same defaults from the same data.
 
 - :func:`choose_downsample`: the binning factor that puts the particle radius where the models work best.
-- :func:`default_margin`: the edge margin picks are dropped within.
+- :func:`default_margin`, :func:`label_margin`: the edge margin picks are dropped within (one particle radius,
+  less when the labels show particles closer to the border).
 - :func:`initial_expected` : a first guess of the particles per micrograph from the particle and micrograph size.
 - :func:`calibrate`: the particle count and the threshold, estimated without ground truth from labels that were
   held out of training (positive-unlabeled mixture-proportion estimation; see docs/method.md).
@@ -54,6 +55,7 @@ __all__ = [
     "choose_downsample",
     "default_margin",
     "initial_expected",
+    "label_margin",
     "label_scores",
     "parse_downsample",
     "threshold_for_count",
@@ -189,6 +191,36 @@ def default_margin(radius: float) -> float:
     and half particles); extraction of such a box fails in RELION and cryoSPARC anyway.
     """
     return _check_radius(radius)
+
+
+def label_margin(labels: pd.DataFrame, shapes: dict, radius: float) -> float:
+    """The edge margin the labels allow: one particle radius, or less when a label lies closer to a border.
+
+    Parameters
+    ----------
+    labels : DataFrame
+        ``micrograph, x, y`` (pixels).
+    shapes : dict
+        ``name -> (H, W)`` of each micrograph (same pixels).
+    radius : float
+        Particle radius (same pixels).
+
+    Returns
+    -------
+    float
+        ``min(radius, distance of the label nearest to a border)``, at least 0. A person who clicks a particle at
+        the border says such particles count; one who clicks none there leaves the full margin, which drops the
+        stripes and half particles many micrographs carry along their borders.
+    """
+    m = default_margin(radius)
+    for name, rows in labels.groupby("micrograph"):
+        if name not in shapes or len(rows) == 0:
+            continue
+        h, w = shapes[name][-2:]
+        x, y = rows["x"].to_numpy(float), rows["y"].to_numpy(float)
+        d = np.minimum.reduce([x, y, (w - 1) - x, (h - 1) - y])
+        m = min(m, float(np.max([d.min(), 0.0])))
+    return m
 
 
 def initial_expected(radius: float, shape: tuple, coverage: float = 0.25) -> float:

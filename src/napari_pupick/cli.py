@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="minibatches per epoch")
     p.add_argument("--autoencoder", type=float, default=None,
                    help="autoencoder regularization weight gamma (0 = off; helps below ~250 labels)")
-    p.add_argument("--init", help="checkpoint to start training from")
+    p.add_argument("--init", default="default",
+                   help="where training starts: a checkpoint file, general (the general starting model shipped "
+                   "with napari-pupick) or none (a random start) [default: general when the model is conv3]")
     p.add_argument("-o", "--output", required=True, help="checkpoint file to write (.pt)")
     _add_common(p)
 
@@ -118,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write every candidate down to logit -6 (to filter by score later) instead of the picks "
                    "above the threshold")
     p.add_argument("--margin", type=float, default=None,
-                   help="drop picks this close to the edge, original px [default: the particle radius]")
+                   help="drop picks this close to the edge, original px [default: the model's: one particle radius, "
+                   "or less where labels lie closer to the border]")
     p.add_argument("--tta", action="store_true", help="average scores over four 90-degree rotations")
     p.add_argument("--per-micrograph", action="store_true",
                    help="one STAR file per micrograph in the output folder (RELION's coordinate import)")
@@ -147,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-micrograph", action="store_true", help="one STAR file per micrograph")
     p.add_argument("--scale", type=float, default=1.0, help="multiply coordinates by this factor")
     p.add_argument("--box-size", type=float, default=None, help="box size for .box output")
+
+    p = sub.add_parser("pretrain", help="pretrain a general starting model on varied synthetic micrographs",
+                       description="Supervised pretraining on synthetic micrographs of varied particles, sizes, "
+                       "crowding, SNR (0.01-0.3), quantized sources, carbon edges, ice and contamination. The "
+                       "result can start training (pupick train --init FILE); the package ships one made this way.")
+    p.add_argument("-o", "--output", required=True, help="checkpoint file to write (.pt)")
+    p.add_argument("--steps", type=int, default=3000, help="optimisation steps [default: 3000]")
+    p.add_argument("--model", default="conv3", help="conv3 or resnet8 [default: conv3]")
+    p.add_argument("--batch-size", type=int, default=16, help="tiles per step [default: 16]")
+    p.add_argument("--groups", type=int, default=12,
+                   help="synthetic groups (each with its own conditions) in the pool [default: 12]")
+    _add_common(p)
 
     p = sub.add_parser("demo", help="run the whole loop headless on synthetic sample data",
                        description="Make synthetic micrographs, take sparse labels, train, extract, evaluate, "
@@ -212,9 +227,9 @@ def cmd_normalize(args) -> int:
 def cmd_train(args) -> int:
     from napari_pupick.calibration import choose_downsample
     from napari_pupick.io import micrograph_info, read_coordinates
-    from napari_pupick.pipeline import train_picker
-    from napari_pupick.training import Checkpoint
+    from napari_pupick.pipeline import resolve_init, train_picker
 
+    init = resolve_init(args.init, args.model)  # a bad --init fails before any micrograph is read
     _threads(args)
     paths, names, images = _read_micrographs(args.micrographs, args.quiet)
     labels = read_coordinates(args.labels)
@@ -227,7 +242,6 @@ def cmd_train(args) -> int:
     config = {k: v for k, v in dict(model=args.model, objective=args.objective, epochs=args.epochs,
                                       steps_per_epoch=args.steps, autoencoder=args.autoencoder,
                                       seed=args.seed, device=args.device).items() if v is not None}
-    init = Checkpoint.load(args.init) if args.init else None
     t0 = time.perf_counter()
     ckpt = train_picker(images, names, labels, radius=args.radius, downsample=binning.factor, pixel_size=pixel_size,
                         normalization=args.method, expected_particles=args.expected, negatives=negatives,
@@ -239,7 +253,7 @@ def cmd_train(args) -> int:
         count = m.get("expected_particles")
         how = m.get("expected_source", "estimated")
         print(f"default threshold {m['threshold']:.2f} (used by pupick extract); particles per micrograph "
-              f"{count:.0f} ({how}); edge margin {binning.radius:g} px")
+              f"{count:.0f} ({how}); edge margin {m.get('margin', binning.radius):g} px")
     return 0
 
 
@@ -321,6 +335,30 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from tqdm.auto import tqdm
+
+    from napari_pupick.pretrain import pretrain_run
+
+    threads = _threads(args)
+    bar = None
+    t0 = time.perf_counter()
+    for ev in pretrain_run(steps=args.steps, seed=args.seed, model=args.model, batch_size=args.batch_size,
+                           groups=args.groups, threads=threads, device=args.device, output=args.output):
+        if ev.kind == "step" and not args.quiet:
+            if bar is None:
+                bar = tqdm(total=ev.total_steps, desc="pretrain", unit="step")
+            bar.update(1)
+            bar.set_postfix(loss=f"{ev.losses['loss']:.3g}", refresh=False)
+        elif ev.kind != "step":
+            if bar is not None:
+                bar.close()
+                bar = None
+            print(ev.message)
+    print(f"wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from napari_pupick.demo import run_demo
 
@@ -336,6 +374,7 @@ COMMANDS = {
     "extract": cmd_extract,
     "evaluate": cmd_evaluate,
     "convert": cmd_convert,
+    "pretrain": cmd_pretrain,
     "demo": cmd_demo,
 }
 

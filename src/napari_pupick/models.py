@@ -15,16 +15,17 @@ Architectures (``build_model(name, **hparams)``):
 
 - ``"conv3"`` (default): the paper's three layers: conv 7x7 (32 filters), conv 5x5 (64), conv 5x5 (128), each
   followed by batch-norm and PReLU, then a linear 1x1 convolution to one logit. Downsampling to the output
-  stride (default 4): the first convolution has stride ``stem_stride`` (default 2) and 3x3 max-pools of stride 2
-  follow the first layers until the total stride is reached. Default layout: conv7/2, pool/2, conv5, conv5
-  (receptive field 43 pixels); ``stem_stride=1`` gives conv7, pool/2, conv5, pool/2, conv5 (receptive field 37).
+  stride (default 4): the first convolution has stride ``stem_stride`` (default 1) and 3x3 max-pools of stride 2
+  follow the first layers until the total stride is reached. Default layout: conv7, pool/2, conv5, pool/2, conv5
+  (receptive field 37 pixels); ``stem_stride=2`` gives conv7/2, pool/2, conv5, conv5 (receptive field 43).
 
-  Measured choice (1 CPU thread; training steps of 8 tiles of 129 x 129): the default scores a 1024 x 1024
-  image in 0.56 s and trains at 0.20 s per step (44,000 output cells per second); ``stem_stride=1`` needs 0.87 s
-  and 0.38 s (23,000 cells/s), because its second layer runs on a grid twice as fine. Accuracy from a random
-  start was close: held-out AP 0.96 vs 0.97 on apoferritin (100 labels), 0.89 vs 0.93 on synthetic data (mean of
-  three sets, 50 labels; the spread between sets and seeds is +-0.05). Output stride 2 would double the cost
-  again; with bicubic upsampling of the logits (``predict``) stride 4 localizes particles well enough.
+  Measured choice (1 CPU thread; training steps of 8 tiles of 129 x 129): ``stem_stride=2`` scores a 1024 x 1024
+  image in 0.56 s and trains at 0.20 s per step (44,000 output cells per second), the default needs 0.87 s and
+  0.38 s (23,000 cells/s), because its second layer runs on a grid twice as fine. It is the more accurate
+  (100 labels, AP against every held-out particle, one seed): ribosome 0.827 against 0.809, EMPIAR-10947 0.216 /
+  0.230 against 0.181 / 0.208 (two seeds), apoferritin equal (0.939); so it is the default since the defaults
+  issue. Output stride 2 would double the cost again; with bicubic upsampling of the logits (``predict``)
+  stride 4 localizes particles well enough.
 - ``"resnet8"``: a stem (conv 5x5), then three residual blocks of two 3x3 convolutions (the last two dilated),
   then the 1x1 head: 8 weight layers, receptive field 75 pixels with ``stride=4``. Slower (1.85 s per 1024 x 1024
   image, 12,000 cells/s in training) and, from a random start with few labels, not more accurate in our runs.
@@ -114,9 +115,9 @@ def _width(base: int, width: float) -> int:
 
 
 def _conv3(stride: int = 4, width: float = 1.0, dropout: float = 0.0, stem_stride: int | None = None) -> PickerNet:
-    """The paper's three-layer network (see the module docstring); ``stem_stride`` defaults to min(2, stride)."""
+    """The paper's three-layer network (see the module docstring); ``stem_stride`` defaults to 1."""
     stride = _check_stride(stride)
-    stem_stride = min(2, stride) if stem_stride is None else int(stem_stride)
+    stem_stride = 1 if stem_stride is None else int(stem_stride)
     if stem_stride not in (1, 2) or stem_stride > stride:
         raise ModelError(f"stem_stride must be 1 or 2 and at most the stride ({stride}), not {stem_stride}")
     n_pool = int(math.log2(stride // stem_stride))
@@ -181,7 +182,7 @@ def build_model(name: str = "conv3", **hparams) -> PickerNet:
     **hparams
         ``stride`` (1, 2 or 4; default 4), ``width`` (channel multiplier; default 1.0, tests use e.g. 0.25),
         ``dropout`` (on the features before the head; default 0); conv3 also ``stem_stride`` (1 or 2, default
-        ``min(2, stride)``: the stride of its first convolution).
+        1: the stride of its first convolution).
 
     Raises
     ------

@@ -28,6 +28,7 @@ FALLBACK_THRESHOLD = 0.0
 
 __all__ = [
     "ALL_CANDIDATES",
+    "DEFAULT_INIT",
     "FALLBACK_THRESHOLD",
     "Picker",
     "prepare_images",
@@ -35,6 +36,7 @@ __all__ = [
     "train_picker",
     "training_run",
     "pick_distributed",
+    "resolve_init",
     "split_holdout",
 ]
 
@@ -54,6 +56,42 @@ def labels_to_binned(labels: pd.DataFrame, factor: int, names: Sequence[str] | N
     table["x"] = table["x"].astype(float) / factor
     table["y"] = table["y"].astype(float) / factor
     return table.reset_index(drop=True)
+
+
+#: Where training starts by default (see :func:`resolve_init`).
+DEFAULT_INIT = "none"
+
+
+def resolve_init(init, model: str | None = None):
+    """The Checkpoint training starts from, or None for a random start.
+
+    ``init`` is a Checkpoint, a path, ``"general"``, ``"none"``/None or ``"default"`` (:data:`DEFAULT_INIT`). The
+    general model is used only for its own architecture: asking for another ``model`` (e.g. resnet8) with the
+    default starts from scratch, asking for it explicitly is an error.
+    """
+    from napari_pupick.errors import ModelError
+    from napari_pupick.training import Checkpoint
+
+    explicit = not (isinstance(init, str) and init == "default")
+    if not explicit:
+        init = DEFAULT_INIT
+    if init is None or (isinstance(init, str) and init.lower() == "none"):
+        return None
+    if isinstance(init, Checkpoint):
+        return init
+    if isinstance(init, str) and init.lower() == "general":
+        from napari_pupick.pretrain import general_model_path, load_general
+
+        general = load_general()
+        if general is None:
+            raise ModelError(f"the general starting model is missing from this installation ({general_model_path()})")
+        if model is not None and model != general.model:
+            if explicit:
+                raise ModelError(f"the general starting model is a {general.model} network; it cannot start a "
+                                 f"{model} (use --init none)")
+            return None
+        return general
+    return Checkpoint.load(init)
 
 
 def _check_inside(table: pd.DataFrame, shapes: dict, what: str) -> None:
@@ -109,7 +147,7 @@ def training_run(
     expected_particles: float | None = None,
     negatives: pd.DataFrame | None = None,
     holdout: Sequence[str] = (),
-    init=None,
+    init="default",
     preprocessor=None,
     calibration=None,
     margin: float | None = None,
@@ -135,7 +173,9 @@ def training_run(
     expected_particles : expected particles per micrograph (sets the class prior pi); None: estimated.
     negatives : rejected picks (micrograph, x, y) in original pixels, or None.
     holdout : names of labelled micrographs held out for average precision per epoch (single round).
-    init : a Checkpoint to start from (retraining, or a general starting model).
+    init : where training starts: a Checkpoint or checkpoint file (retraining), ``"general"`` (the general starting
+        model shipped with the package, :mod:`~napari_pupick.pretrain`), ``"none"`` or None (a random start), or
+        ``"default"``: :data:`DEFAULT_INIT`.
     calibration : a previous model's ``metrics["calibration"]`` (retraining after corrections: one round, the count
         and the number of picks carry over).
     margin : edge margin of the calibration's candidates, ORIGINAL pixels (default: one particle radius).
@@ -160,6 +200,7 @@ def training_run(
         )
     from napari_pupick.calibration import choose_downsample
 
+    init = resolve_init(init, config.get("model"))
     if preprocessor is None:
         binning = choose_downsample(radius, pixel_size, downsample)
         preprocessor = Preprocessor(downsample=binning.factor, method=normalization)
@@ -177,6 +218,10 @@ def training_run(
     if negatives is not None and len(negatives):
         _check_inside(negatives, raw_shapes, "negative label")
         neg = _clip_to(labels_to_binned(negatives, factor, names), shapes)
+    if margin is None:
+        from napari_pupick.calibration import label_margin
+
+        margin = label_margin(labels[labels["micrograph"].isin(list(names))], raw_shapes, float(radius))
     if holdout:
         if cfg.expected_particles is None and cfg.pi is None:
             from napari_pupick.calibration import initial_expected
@@ -187,8 +232,9 @@ def training_run(
     else:
         trainer = AutoTrainer(images, list(names), positives, cfg, negatives=neg, init=init,
                               preprocess=preprocessor.to_dict(), calibration=calibration,
-                              margin=None if margin is None else float(margin) / factor)
+                              margin=float(margin) / factor)
     trainer.binning = binning
+    trainer.margin_original = float(margin)
     return trainer
 
 
@@ -199,6 +245,9 @@ def train_picker(raw_images, names, labels, *, progress: bool = False, log=None,
     the messages that say what was estimated and which model was kept.
     """
     trainer = training_run(raw_images, names, labels, **kwargs)
+    if log is not None:
+        log(f"edge margin {trainer.margin_original:g} px" + (" (one particle radius)"
+            if trainer.margin_original == float(kwargs["radius"]) else " (a label lies that close to the border)"))
     bar = None
     try:
         for event in trainer.run():
@@ -271,10 +320,14 @@ class Picker:
 
     @property
     def margin(self) -> float:
-        """Default edge margin in original pixels (:func:`~napari_pupick.calibration.default_margin` of the
-        model's particle radius; 0 when the radius is unknown)."""
+        """Default edge margin in original pixels: ``checkpoint.metrics["margin"]`` (chosen at training from the
+        particle radius and the labels, :func:`~napari_pupick.calibration.label_margin`), else one particle
+        radius (0 when the radius is unknown)."""
         from napari_pupick.calibration import default_margin
 
+        m = (self.checkpoint.metrics or {}).get("margin")
+        if m is not None and np.isfinite(float(m)):
+            return float(m)
         r = self.particle_radius
         return default_margin(r) if r else 0.0
 

@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["SyntheticSet", "make_synthetic", "particle_template"]
+__all__ = ["SHAPES", "SyntheticSet", "make_synthetic", "particle_template"]
+
+#: Particle shapes of :func:`particle_template`.
+SHAPES = ("dumbbell", "rod", "ring", "globule", "lobes")
 
 
 @dataclass
@@ -75,8 +78,10 @@ class SyntheticSet:
 def particle_template(radius: float, angle: float, shape: str = "dumbbell") -> np.ndarray:
     """Projected density of one particle (positive values), rotated by ``angle`` degrees.
 
-    The particle is non-globular: a large lobe, a smaller lobe and a short arm, so that its orientation matters.
-    Returns a square array of side ``2 * ceil(1.3 * radius) + 1``.
+    ``dumbbell`` (default): a large lobe, a smaller lobe and a short arm, so that its orientation matters; ``rod``:
+    an elongated body with a knob; ``ring``: the projection of a hollow shell (apoferritin-like); ``globule``: a
+    solid sphere's; ``lobes``: three to five Gaussian lobes placed by the radius. Returns a square array of side
+    ``2 * ceil(1.3 * radius) + 1``.
     """
     half = int(np.ceil(1.3 * radius))
     yy, xx = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float32)
@@ -84,13 +89,26 @@ def particle_template(radius: float, angle: float, shape: str = "dumbbell") -> n
     u = np.cos(t) * xx + np.sin(t) * yy
     v = -np.sin(t) * xx + np.cos(t) * yy
     r = float(radius)
+    if shape in ("ring", "globule"):
+        # projections of a solid sphere (globule) or a hollow shell of inner radius 0.6 r (ring, like apoferritin)
+        d2 = u * u + v * v
+        outer = np.sqrt(np.maximum(r * r - d2, 0.0))
+        if shape == "globule":
+            return (outer / r).astype(np.float32)
+        inner = np.sqrt(np.maximum((0.6 * r) ** 2 - d2, 0.0))
+        return ((outer - inner) / r).astype(np.float32)
     if shape == "dumbbell":
         lobes = [(-0.35 * r, 0.0, 0.55 * r, 0.45 * r, 1.0), (0.5 * r, 0.1 * r, 0.38 * r, 0.3 * r, 0.8),
                  (0.1 * r, -0.45 * r, 0.22 * r, 0.35 * r, 0.6)]
     elif shape == "rod":
         lobes = [(0.0, 0.0, 0.85 * r, 0.28 * r, 1.0), (0.55 * r, 0.25 * r, 0.25 * r, 0.25 * r, 0.5)]
+    elif shape == "lobes":
+        # three to five lobes at fixed pseudo-random places (the same for every particle of a set)
+        lobe_rng = np.random.default_rng(int(round(r * 1000)) % 2**32)
+        lobes = [(*(lobe_rng.uniform(-0.5, 0.5, 2) * r), *(lobe_rng.uniform(0.2, 0.45, 2) * r),
+                  lobe_rng.uniform(0.5, 1.0)) for _ in range(int(lobe_rng.integers(3, 6)))]
     else:
-        raise ValueError(f"unknown particle shape {shape!r} (use 'dumbbell' or 'rod')")
+        raise ValueError(f"unknown particle shape {shape!r} (use one of {', '.join(SHAPES)})")
     density = np.zeros_like(u)
     for cu, cv, su, sv, amp in lobes:
         density += amp * np.exp(-0.5 * (((u - cu) / su) ** 2 + ((v - cv) / sv) ** 2))
@@ -137,6 +155,23 @@ def _smooth_field(rng, shape, sigma_px: float) -> np.ndarray:
     return (f / (f.std() + 1e-12)).astype(np.float32)
 
 
+def _carbon(rng, shape, noise_sd: float, yy, xx) -> np.ndarray:
+    """A carbon film behind a curved edge: a brighter, textured region and a dark rim along the edge."""
+    h, w = shape
+    t = rng.uniform(0, 2 * np.pi)
+    big = rng.uniform(1.5, 4.0) * max(h, w)  # radius of the film's edge (a circle far larger than the image)
+    cut = rng.uniform(0.15, 0.5) * min(h, w)  # how deep the film reaches into the micrograph
+    cx = w / 2 + np.cos(t) * (big + min(h, w) / 2 - cut)
+    cy = h / 2 + np.sin(t) * (big + min(h, w) / 2 - cut)
+    d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) - big  # < 0 on the film
+    film = 1.0 / (1.0 + np.exp(np.clip(d / 1.5, -50, 50)))
+    rim = np.exp(-0.5 * (d / rng.uniform(1.5, 3.0)) ** 2)
+    texture = _smooth_field(rng, shape, 6.0)
+    sign = 1.0 if rng.random() < 0.5 else -1.0  # thicker (darker) or brighter than the ice, by the imaging
+    out = noise_sd * (sign * rng.uniform(1.0, 3.0) * film + 0.5 * film * texture - rng.uniform(2.0, 4.0) * rim)
+    return out.astype(np.float32)
+
+
 def make_synthetic(
     n_micrographs: int = 4,
     shape: tuple = (512, 512),
@@ -150,6 +185,10 @@ def make_synthetic(
     pixel_size: float = 1.0,
     seed: int = 0,
     name_prefix: str = "synth",
+    spacing: float = 2.1,
+    radius_jitter: float = 0.0,
+    carbon: bool = False,
+    quantize: int | None = None,
 ) -> SyntheticSet:
     """Make ``n_micrographs`` synthetic micrographs with ground truth.
 
@@ -163,8 +202,14 @@ def make_synthetic(
     n_labels : how many particles to mark as sparse positives (default: a quarter of those in the labelled
         micrographs), drawn at random from the first ``label_micrographs`` micrographs (default: all).
     junk : add ice blobs (large, dark, smooth) and small fragments (smaller than a particle).
-    particle_shape : 'dumbbell' or 'rod'.
+    particle_shape : one of :data:`SHAPES`.
     seed : the seed of the only random generator used.
+    spacing : particle centres are at least ``spacing * radius`` apart (2.1: touching at most; below 2: crowded
+        particles overlap).
+    radius_jitter : each particle's radius is ``radius * (1 + radius_jitter * u)``, u uniform in [-1, 1].
+    carbon : a carbon film over part of each micrograph: a brighter, thicker region behind a curved edge with a
+        dark rim (particles sit on both sides, sparser on the carbon).
+    quantize : convert each micrograph to this many grey levels (as an 8-bit image with a narrow range does).
 
     Returns
     -------
@@ -181,13 +226,16 @@ def make_synthetic(
         names.append(name)
         # Junk first, so particles keep clear of ice blobs.
         blobs = _place(rng, int(rng.integers(1, 3)), (h, w), 8 * radius, 2 * radius) if junk else np.zeros((0, 2))
-        centres = _place(rng, n_particles, (h, w), 2.1 * radius, 1.5 * radius, avoid=blobs, avoid_dist=4 * radius)
+        centres = _place(rng, n_particles, (h, w), spacing * radius, 1.5 * radius, avoid=blobs,
+                         avoid_dist=4 * radius)
         angles = rng.uniform(0, 360, len(centres))
+        radii = (radius * (1 + radius_jitter * rng.uniform(-1, 1, len(centres))) if radius_jitter
+                 else np.full(len(centres), float(radius)))
         density = np.zeros((h, w), np.float32)
         mask = np.zeros((h, w), bool)
         yy, xx = np.mgrid[0:h, 0:w]
-        for (x, y), a in zip(centres, angles):
-            tpl = particle_template(radius, a, particle_shape)
+        for (x, y), a, rad in zip(centres, angles, radii):
+            tpl = particle_template(rad, a, particle_shape)
             half = tpl.shape[0] // 2
             xi, yi = int(round(x)), int(round(y))
             y0, y1 = max(yi - half, 0), min(yi + half + 1, h)
@@ -220,9 +268,15 @@ def make_synthetic(
             d2 = ((xx - x) ** 2 + (yy - y) ** 2) / rb**2
             image -= (3.0 * noise_sd / (1 + np.exp(np.minimum((d2 - 1) * 8, 50.0)))).astype(np.float32)
             junk_rows.append((name, float(x), float(y), "ice"))
+        if carbon:
+            image += _carbon(rng, (h, w), noise_sd, yy, xx)
         # Intensities are counts: a positive mean level proportional to the dose, and a dose (gain) that differs
         # per micrograph - the per-micrograph scale factor that GMM normalization estimates and undoes.
         image = (image + 10.0 * noise_sd) * rng.uniform(0.7, 1.4)
+        if quantize:
+            lo, hi = np.percentile(image, [0.5, 99.5])
+            levels = np.clip(np.round((image - lo) / max(hi - lo, 1e-12) * (int(quantize) - 1)), 0, int(quantize) - 1)
+            image = 84.0 + levels  # an 8-bit image's narrow range, as in EMPIAR-10947's conversion
         images.append(image.astype(np.float32))
 
     particles = pd.DataFrame(rows, columns=["micrograph", "x", "y", "angle"])

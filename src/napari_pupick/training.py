@@ -680,8 +680,8 @@ class Trainer:
         if self._channels_last:
             self.model = model.to(memory_format=torch.channels_last)
         self._prepare(model)
-        if self.init is None:
-            # Start at the prior: every region scores logit(pi), where the GE objectives are near their minimum,
+        if self.init is None or (self.init.metrics or {}).get("general"):
+            # Start at the prior (also from a general starting model, whose bias fits its synthetic data): every region scores logit(pi), where the GE objectives are near their minimum,
             # so the first steps learn to separate particles instead of driving all scores down.
             prior = float(np.mean([m.pi for m in self._mics]))
             with torch.no_grad():
