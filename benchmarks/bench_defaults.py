@@ -5,6 +5,7 @@ automatic binning rule, and the stability of the default threshold.
     python benchmarks/bench_defaults.py binning                 # AP against the binned particle radius
     python benchmarks/bench_defaults.py shift                   # 5 labels moved by half a pixel: picks at the default
     python benchmarks/bench_defaults.py hand                    # best hand-chosen settings (true count, best binning)
+    python benchmarks/bench_defaults.py labels --seeds 0 1      # AP against 10/25/50/100 labels, scratch and general
 
 ``minimal`` is what a new user types: micrographs, labels, radius, nothing else (``train_picker(images, names,
 labels, radius=r)`` = ``pupick train mics/ --labels clicks.txt --radius r -o model.pt``), 100 labels drawn from the
@@ -93,13 +94,17 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
-    for name in ("minimal", "binning", "shift", "hand"):
+    for name in ("minimal", "binning", "shift", "hand", "labels"):
         s = sub.add_parser(name)
         s.add_argument("--datasets", nargs="+", default=list(common.REAL_DATASETS))
         s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         s.add_argument("--labels", type=int, default=100)
         s.add_argument("--workers", type=int, default=2)
         s.add_argument("--out", default="bench_out")
+        if name == "labels":
+            s.add_argument("--counts", type=int, nargs="+", default=[10, 25, 50, 100])
+            s.add_argument("--inits", nargs="+", default=["none", "general"],
+                           help="where training starts: none, general or a checkpoint file")
         if name == "binning":
             s.add_argument("--binned-radii", type=float, nargs="+", default=[4.0, 5.0, 6.0, 7.5, 9.5, 12.0, 15.0])
     args = p.parse_args(argv)
@@ -115,6 +120,8 @@ def main(argv=None):
                 jobs.append((name, seed, args.labels, {}))
             elif args.bench == "shift":
                 jobs += [(name, seed, args.labels, {}, 0.0), (name, seed, args.labels, {}, 0.5)]
+            elif args.bench == "labels":
+                jobs += [(name, seed, n, {"init": init}) for n in args.counts for init in args.inits]
             elif args.bench == "hand":
                 jobs.append((name, seed, args.labels, dict(downsample=ds.downsample, expected_particles=truth_count)))
             else:
@@ -127,6 +134,9 @@ def main(argv=None):
     (out / f"defaults_{args.bench}.json").write_text(json.dumps(dict(results=results, wall_s=wall), indent=2,
                                                                 default=str))
     keys = ["dataset", "downsample"] if args.bench == "binning" else ["dataset"]
+    if args.bench == "labels":
+        df["init"] = [str((r or {}).get("init")) if isinstance(r, dict) else "minimal" for r in df["settings"]]
+        keys = ["dataset", "init", "n_labels"]
     if args.bench == "shift":
         keys = ["dataset", "label_shift"]
     cols = ["ap", "best_f1", "f1_default", "precision_default", "recall_default", "picks_default", "threshold",

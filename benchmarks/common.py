@@ -226,7 +226,7 @@ def cryoppp(root=None, n_labels: int = 100, label_seed: int = 0) -> Dataset:
     folder = Path(root or data_root()) / "empiar10947_cryoppp"
     split = pd.read_csv(folder / "split.txt", sep=r"\s+", header=None, names=["micrograph", "split"], dtype=str)
     part = {s: tuple(sorted(split.loc[split["split"] == s, "micrograph"])) for s in ("train", "valid", "test")}
-    return Dataset("cryoppp", folder / "micrographs", folder / "particles.txt", radius=29.0, downsample=4,
+    return Dataset("cryoppp", folder / "micrographs", folder / "particles.txt", radius=29.0, downsample=2,
                    train=part["train"] + part["valid"], heldout=part["test"], n_labels=n_labels,
                    label_seed=label_seed, notes="hard set: small, crowded, low-contrast particles; approximate truth")
 

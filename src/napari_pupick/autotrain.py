@@ -63,13 +63,15 @@ class AutoTrainer:
         ``metrics["margin"]`` in original pixels (``preprocess["downsample"]`` times it).
     survey_epochs : int, optional
         Epochs of the survey round (default: ``config.epochs``).
+    tta : calibrate on maps averaged over four rotations (the checkpoint's ``metrics["tta"]`` then tells pickers
+        to score that way); the per-epoch monitor scores without.
     """
 
     def __init__(self, images: Sequence, names: Sequence[str], positives: pd.DataFrame,
                  config: TrainConfig | None = None, negatives: pd.DataFrame | None = None,
                  init: Checkpoint | None = None, preprocess: dict | None = None,
                  calibration: Calibration | dict | None = None, heldout_fraction: float = HELDOUT_FRACTION,
-                 margin: float | None = None, survey_epochs: int | None = None):
+                 margin: float | None = None, survey_epochs: int | None = None, tta: bool = False):
         self.config = copy.deepcopy(config) if config is not None else TrainConfig()
         self.images = [np.asarray(im, np.float32) for im in images]
         self.names = [str(n) for n in names]
@@ -86,6 +88,7 @@ class AutoTrainer:
         self.factor = int((self.preprocess or {}).get("downsample", 1))
         self.match_radius = float(self.config.match_fraction) * r
         self.survey_epochs = survey_epochs
+        self.tta = bool(tta)
         self.given = self.config.expected_particles
         shape = self.images[0].shape if self.images else (1, 1)
         self.capacity = max_particles(r, shape)
@@ -155,7 +158,7 @@ class AutoTrainer:
 
     # -- scoring -------------------------------------------------------------------------------------------------
 
-    def candidates(self, checkpoint: Checkpoint) -> pd.DataFrame:
+    def candidates(self, checkpoint: Checkpoint, tta: bool | None = None) -> pd.DataFrame:
         """NMS candidates (binned pixels, down to logit -6, edge margin applied) of every training micrograph."""
         from napari_pupick.extract import nms
         from napari_pupick.predict import score_micrographs
@@ -163,14 +166,15 @@ class AutoTrainer:
         net = checkpoint.build(self.config.device)
         r = float(self.config.particle_radius)
         tables = []
-        for name, logits in zip(self.names, score_micrographs(net, self.images)):
+        tta = self.tta if tta is None else tta
+        for name, logits in zip(self.names, score_micrographs(net, self.images, tta=tta)):
             picks = nms(logits, r, threshold=-6.0, margin=self.margin)
             picks.insert(0, "micrograph", name)
             tables.append(picks)
         return pd.concat(tables, ignore_index=True)
 
-    def _calibrate(self, checkpoint: Checkpoint) -> Calibration:
-        return calibrate(self.candidates(checkpoint), self.heldout, self.trained, self.match_radius,
+    def _calibrate(self, checkpoint: Checkpoint, tta: bool | None = None) -> Calibration:
+        return calibrate(self.candidates(checkpoint, tta), self.heldout, self.trained, self.match_radius,
                          len(self.images), max_expected=self.capacity)
 
     def _monitor(self, cal: Calibration) -> dict:
@@ -249,7 +253,7 @@ class AutoTrainer:
                 ev.total_steps = total
                 ev.monitor = self.monitor
                 if ev.kind == "epoch" and calibrate_epochs and _trained(trainer) is not None:
-                    cal = self._calibrate(_trained(trainer))
+                    cal = self._calibrate(_trained(trainer), tta=False)
                     ev.monitor = self.monitor = self._monitor(cal)
                     ev.message = (f"{self.round} epoch {ev.epoch}: held-out labels found {cal.label_recall:.0%} at "
                                   f"logit {cal.threshold:.2f}, estimated precision {cal.precision:.0%}, about "
@@ -290,7 +294,7 @@ class AutoTrainer:
             return
         ref = cal or self.previous
         metrics = {"step": step, "round": "final" if final is not None else "survey",
-                   "margin": float(self.margin * self.factor)}
+                   "margin": float(self.margin * self.factor), "tta": self.tta}
         if threshold is not None:
             metrics["threshold"] = float(threshold)
         if ref is not None:

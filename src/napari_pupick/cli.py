@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="minibatches per epoch")
     p.add_argument("--autoencoder", type=float, default=None,
                    help="autoencoder regularization weight gamma (0 = off; helps below ~250 labels)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="calibrate (and later pick) on scores averaged over four 90-degree rotations: better picks "
+                   "on noisy data, 4x the scoring time [default: --tta]")
     p.add_argument("--init", default="default",
                    help="where training starts: a checkpoint file, general (the general starting model shipped "
                    "with napari-pupick) or none (a random start) [default: general when the model is conv3]")
@@ -122,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=None,
                    help="drop picks this close to the edge, original px [default: the model's: one particle radius, "
                    "or less where labels lie closer to the border]")
-    p.add_argument("--tta", action="store_true", help="average scores over four 90-degree rotations")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average scores over four 90-degree rotations [default: as the model was calibrated, "
+                   "which pupick train does with --tta]")
     p.add_argument("--per-micrograph", action="store_true",
                    help="one STAR file per micrograph in the output folder (RELION's coordinate import)")
     p.add_argument("--box-size", type=float, default=None, help="box size for .box output [default: 2 x radius]")
@@ -245,7 +250,7 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     ckpt = train_picker(images, names, labels, radius=args.radius, downsample=binning.factor, pixel_size=pixel_size,
                         normalization=args.method, expected_particles=args.expected, negatives=negatives,
-                        init=init, progress=not args.quiet, log=print, **config)
+                        init=init, tta=args.tta, progress=not args.quiet, log=print, **config)
     ckpt.save(args.output)
     m = ckpt.metrics or {}
     print(f"trained in {time.perf_counter() - t0:.1f} s; wrote {args.output}")
