@@ -145,6 +145,11 @@ def main(argv=None):
         cols += ["expected_estimate", "expected_true"]
     g = df.groupby(keys)[cols].mean(numeric_only=True).reset_index()
     print(common.markdown(g))
+    if args.bench == "shift":
+        piv = df.pivot_table(index=["dataset", "seed"], columns="label_shift", values="picks_default")
+        piv["change"] = (piv[0.5] - piv[0.0]).abs() / piv[0.0]
+        print()
+        print(common.markdown(piv.reset_index()))
     print(f"\n{len(results)} runs in {wall / 60:.1f} min -> {out / f'defaults_{args.bench}.json'}")
 
 
