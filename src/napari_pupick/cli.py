@@ -131,8 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-micrograph", action="store_true",
                    help="one STAR file per micrograph in the output folder (RELION's coordinate import)")
     p.add_argument("--box-size", type=float, default=None, help="box size for .box output [default: 2 x radius]")
+    p.add_argument("--format", choices=["star", "csv", "topaz", "box"], default=None,
+                   help="format of the per-micrograph files [default: from --output's extension; star]")
+    p.add_argument("--parts", default=None,
+                   help="folder of the per-micrograph files written as each micrograph is done (the run resumes "
+                   "from them) [default: <output stem>_per_micrograph beside --output]")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo micrographs whose output is already complete (same model, same settings)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="pick on a dask.distributed LocalCluster of this many worker processes on this machine")
     p.add_argument("--scheduler", default=None,
-                   help="dask.distributed scheduler address to spread micrographs over many machines")
+                   help="dask.distributed scheduler address to join (many machines; see docs/cluster.md)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="retries of a micrograph whose worker was lost (with --workers/--scheduler) [default: 2]")
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="average precision of picks against reference coordinates",
@@ -263,35 +274,39 @@ def cmd_train(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from tqdm.auto import tqdm
-
-    from napari_pupick.io import list_micrographs, write_coordinates
-    from napari_pupick.pipeline import Picker, _concat, pick_distributed
+    from napari_pupick.batch import close_client, run_batch, start_client
+    from napari_pupick.io import list_micrographs
+    from napari_pupick.pipeline import ALL_CANDIDATES
 
     threads = _threads(args)
     paths = list_micrographs(args.micrographs)
-    from napari_pupick.pipeline import ALL_CANDIDATES
-
-    threshold = ALL_CANDIDATES if args.all_candidates else args.threshold
-    kw = dict(radius=args.radius, threshold=threshold, margin=args.margin)
-    if args.scheduler:
-        from dask.distributed import Client
-
-        with Client(args.scheduler) as client:
-            picks = pick_distributed(Path(args.model).resolve(), paths, client, device=args.device, tta=args.tta,
-                                     threads=threads, **kw)
+    out = Path(args.output)
+    if args.per_micrograph:
+        folder, combined, fmt = out, None, (args.format or "star")
     else:
-        picker = Picker(args.model, device=args.device, tta=args.tta)
-        tables = [t for _, t in tqdm(picker.iter_files(paths, **kw), total=len(paths), desc="extract",
-                                     unit="mic", disable=args.quiet)]
-        picks = _concat(tables)
-    box = args.box_size
-    if box is None and str(args.output).endswith(".box"):
-        box = 2 * (args.radius or Picker(args.model, device="cpu").particle_radius)
-    written = write_coordinates(picks, args.output, per_micrograph=args.per_micrograph, box_size=box)
-    n_out = len(written) if isinstance(written, list) else 1
-    print(f"{len(picks)} picks from {len(paths)} micrographs -> {args.output} ({n_out} file(s))")
-    return 0
+        from napari_pupick.io import guess_format
+
+        fmt = args.format or guess_format(out)
+        folder = Path(args.parts) if args.parts else out.with_name(f"{out.stem}_per_micrograph")
+        combined = None if fmt == "box" else out
+        if fmt == "box" and not args.parts:
+            folder = out.with_name(out.stem)
+    client = None
+    if args.workers or args.scheduler:
+        client = start_client(args.workers, args.scheduler)
+    try:
+        result = run_batch(Path(args.model).resolve(), paths, folder, combined=combined, format=fmt,
+                           threshold=ALL_CANDIDATES if args.all_candidates else args.threshold, radius=args.radius,
+                           margin=args.margin, tta=args.tta, box_size=args.box_size, overwrite=args.overwrite,
+                           device=args.device, threads=threads, client=client, retries=args.retries,
+                           progress=not args.quiet)
+    finally:
+        if client is not None:
+            close_client(client)
+    print(result.summary())
+    where = f"{combined} and {folder}/" if combined is not None else f"{folder}/"
+    print(f"picks of {len(result.done) + len(result.skipped)} of {len(paths)} micrographs in {where}")
+    return 0 if result.ok else 1
 
 
 def cmd_evaluate(args) -> int:
