@@ -6,11 +6,12 @@ thin shell over one of its methods, and the same methods drive the loop from the
 
 >>> loop = PickLoop.for_viewer(viewer)                                   # doctest: +SKIP
 >>> loop.set_micrographs("synthetic micrographs")                        # doctest: +SKIP
->>> loop.preprocess(downsample=2, method="gmm")                          # doctest: +SKIP
->>> loop.add_positives_layer(radius=12, expected_particles=60)           # doctest: +SKIP
->>> loop.train(epochs=4, steps_per_epoch=20)                             # doctest: +SKIP
->>> loop.predict()                                                       # doctest: +SKIP
->>> loop.set_threshold(0.5)                                              # doctest: +SKIP
+>>> loop.set_particle(radius=12)                                          # doctest: +SKIP
+>>> loop.preprocess(method="gmm")                 # binning 'auto'        # doctest: +SKIP
+>>> loop.add_positives_layer()                                           # doctest: +SKIP
+>>> loop.train(epochs=4, steps_per_epoch=20)      # AutoTrainer          # doctest: +SKIP
+>>> loop.predict()                                # at the model's threshold  # doctest: +SKIP
+>>> loop.set_threshold(0.5)                       # by hand: kept on retrain  # doctest: +SKIP
 >>> loop.export("picks.star")                                            # doctest: +SKIP
 
 Long jobs come in two forms: ``iter_preprocess``, ``iter_train`` and ``iter_predict`` return generators of
@@ -47,9 +48,9 @@ from napari_pupick.errors import MicrographError, ModelError, PupickError, Train
 
 __all__ = ["LoopEvent", "PickLoop", "DEFAULT_THRESHOLD", "NMS_THRESHOLD"]
 
-#: Picks are extracted down to this logit; the threshold slider filters them afterwards.
+#: Picks are extracted down to this logit; the threshold slider filters them afterwards (exports never use it).
 NMS_THRESHOLD = -6.0
-#: Threshold shown before a model offers its F2-optimal one.
+#: Threshold shown before a model offers its calibrated one (a checkpoint without ``metrics["threshold"]``).
 DEFAULT_THRESHOLD = 0.0
 
 POSITIVES, NEGATIVES, PICKS, SCORES = "positives", "negatives", "picks", "scores"
@@ -106,14 +107,18 @@ class PickLoop:
         The fitted downsampling and normalization; ``prepared`` caches the normalized planes (binned grid).
     radius : float
         Particle radius in original pixels (points are drawn with diameter ``2 * radius``; NMS radius default).
-    expected_particles : float
-        Expected particles per micrograph (sets the class prior of training).
+    expected_particles : float or None
+        Expected particles per micrograph (sets the class prior of training); None: estimated by training.
+    downsample : int or 'auto'
+        Binning of :meth:`preprocess` ('auto': :func:`~napari_pupick.calibration.choose_downsample`).
     threshold : float
-        Logit threshold of the shown picks.
+        Logit threshold of the shown (and exported) picks: the model's calibrated one unless set by hand
+        (``threshold_by_hand``).
     nms_radius : float or None
         Non-maximum-suppression radius in original pixels (None: ``radius``).
-    margin : float
-        Picks closer than this to the micrograph border (original pixels) are dropped.
+    margin : float or None
+        Picks closer than this to the micrograph border (original pixels) are dropped; None: the model's
+        (:meth:`effective_margin`).
     checkpoint : Checkpoint or None
         The current model.
     scores : dict of int -> ndarray
@@ -129,7 +134,8 @@ class PickLoop:
         self.normalized_layer = None
         self.mixture = None  # (centres, density, pdf0, pdf1) of the last fit, for plotting
         self.radius = 12.0
-        self.expected_particles = 100.0
+        self.expected_particles: float | None = None  # None: estimated by training (AutoTrainer)
+        self.downsample: int | str = "auto"  # binning: 'auto' (calibration.choose_downsample) or a factor
         self.positives_layer = None
         self.negatives_layer = None
         self.picks_layer = None
@@ -137,8 +143,9 @@ class PickLoop:
         self.checkpoint = None
         self.scores: dict[int, np.ndarray] = {}
         self.threshold = DEFAULT_THRESHOLD
+        self.threshold_by_hand = False  # set by the user: kept when a retrained model arrives
         self.nms_radius: float | None = None
-        self.margin = 0.0
+        self.margin: float | None = None  # None: the model's margin (one particle radius before a model)
         self.device = "auto"
         self.history: list = []  # TrainEvents of the current/last training run
         self._trainer = None
@@ -198,6 +205,30 @@ class PickLoop:
     @property
     def n_planes(self) -> int:
         return len(self.names)
+
+    @property
+    def pixel_size(self) -> float | None:
+        """Angstrom per original pixel from the micrograph layer's metadata (None when unknown)."""
+        px = ((self.micrograph_layer.metadata or {}).get("pixel_size") if self.micrograph_layer is not None
+              else None)
+        return float(px) if px and np.isfinite(float(px)) and float(px) > 0 else None
+
+    def binning(self, downsample=None):
+        """The :class:`~napari_pupick.calibration.Binning` that preprocessing uses for the session's particle
+        radius (``downsample``: 'auto' or a factor; default the session's ``downsample``)."""
+        from napari_pupick.calibration import choose_downsample
+
+        return choose_downsample(self.radius, self.pixel_size, self.downsample if downsample is None else downsample)
+
+    def effective_margin(self) -> float:
+        """The edge margin in original pixels: set by hand, else the model's, else one particle radius."""
+        if self.margin is not None:
+            return float(self.margin)
+        if self.checkpoint is not None:
+            m = (self.checkpoint.metrics or {}).get("margin")
+            if m is not None and np.isfinite(float(m)):
+                return float(m)
+        return float(self.radius)
 
     @property
     def factor(self) -> int:
@@ -280,16 +311,17 @@ class PickLoop:
     # ------------------------------------------------------------------------------------------------------------
     # 1. Preprocess
 
-    def iter_preprocess(self, layer=None, downsample: int = 1, method: str = "gmm", preprocessor=None
-                        ) -> Iterator[LoopEvent]:
+    def iter_preprocess(self, layer=None, downsample: int | str | None = None, method: str = "gmm",
+                        preprocessor=None) -> Iterator[LoopEvent]:
         """Downsample and normalize every plane (a generator for a thread worker; layers are not touched).
 
         Parameters
         ----------
         layer : Image layer or name, optional
             The micrographs (default: the current ones).
-        downsample : int
-            Binning factor.
+        downsample : int or 'auto'
+            Binning factor; 'auto' (the session's default) chooses it from the particle radius
+            (:func:`~napari_pupick.calibration.choose_downsample`).
         method : {'gmm', 'affine', 'none'}
         preprocessor : Preprocessor, optional
             Use this (already fitted) preprocessor instead of fitting one, e.g. a loaded model's.
@@ -308,7 +340,9 @@ class PickLoop:
         n = self.n_planes
         data = self.micrograph_layer.data
         fitted = preprocessor is not None
-        pre = preprocessor if fitted else Preprocessor(downsample=int(downsample), method=method)
+        if downsample is not None:
+            self.downsample = downsample
+        pre = preprocessor if fitted else Preprocessor(downsample=self.binning().factor, method=method)
         return self._preprocess_gen(data, n, pre, fitted)
 
     def _preprocess_gen(self, data, n, pre, fitted):
@@ -378,7 +412,7 @@ class PickLoop:
             self.scores_layer = None
         self._emit("preprocessed")
 
-    def preprocess(self, layer=None, downsample: int = 1, method: str = "gmm", preprocessor=None):
+    def preprocess(self, layer=None, downsample: int | str | None = None, method: str = "gmm", preprocessor=None):
         """Run :meth:`iter_preprocess` to completion here; returns the normalized Image layer."""
         self._drive(self.iter_preprocess(layer, downsample, method, preprocessor))
         return self.normalized_layer
@@ -394,7 +428,7 @@ class PickLoop:
         radius : float, optional
             Particle radius in original pixels (sets the point size, 2 x radius); kept for the session.
         expected_particles : float, optional
-            Expected particles per micrograph; kept for the session.
+            Expected particles per micrograph (0: estimated by training); kept for the session.
         """
         self._require_micrographs()
         self.set_particle(radius, expected_particles)
@@ -450,9 +484,10 @@ class PickLoop:
                 layer.current_size = size
                 layer.metadata = {**layer.metadata, "radius": self.radius}
         if expected_particles is not None:
-            if not expected_particles > 0:
-                raise ValueError(f"expected particles per micrograph must be > 0, got {expected_particles!r}")
-            self.expected_particles = float(expected_particles)
+            if not expected_particles >= 0:
+                raise ValueError(f"expected particles per micrograph must be >= 0 (0: estimate), got "
+                                 f"{expected_particles!r}")
+            self.expected_particles = float(expected_particles) or None
         self._emit("particle")
 
     def _table(self, layer) -> pd.DataFrame:
@@ -492,21 +527,25 @@ class PickLoop:
                    ) -> Iterator[LoopEvent]:
         """Train a model on the labels (a generator for a thread worker; layers are not touched).
 
-        The labels and normalized planes are taken now (on the calling thread); the model is built, checked and
-        trained when the generator runs, so errors such as missing labels surface in the worker.
+        Training goes through the core's :func:`~napari_pupick.pipeline.training_run` with its defaults: the
+        two-round :class:`~napari_pupick.autotrain.AutoTrainer` estimates the particle count (unless the session
+        has ``expected_particles``) and calibrates the threshold, which the session then shows. Retraining
+        (``init`` a Checkpoint) carries the model's calibration over, so it runs one round.
+
+        The labels and normalized planes are taken now (on the calling thread); the trainer is built and run when
+        the generator runs, so errors such as missing labels surface in the worker.
 
         Parameters
         ----------
         holdout_fraction : float
-            Fraction of the labelled micrographs held out to measure average precision after each epoch (and the
-            F2-optimal threshold); the best epoch's model is kept.
+            0 (default): the AutoTrainer. Above 0: hold out this fraction of the labelled micrographs to measure
+            average precision per epoch (a single round with an F2-optimal threshold, no count estimate).
         init : Checkpoint, optional
             Start from these weights (see :meth:`retrain`).
         seed : int
         **config
             :class:`~napari_pupick.training.TrainConfig` fields (``model``, ``model_params``, ``objective``,
-            ``epochs``, ``steps_per_epoch``, ``device``, ``threads``...). ``particle_radius`` and
-            ``expected_particles`` default to the session's.
+            ``epochs``, ``steps_per_epoch``, ``device``, ``threads``...), and ``tta`` of training_run.
 
         Yields
         ------
@@ -515,16 +554,14 @@ class PickLoop:
         """
         positives, negatives = self.labels()
         planes = dict(self.prepared)
-        pre = self.preprocessor
-        radius, expected = self.radius, self.expected_particles
-        names = list(self.names)
-        return self._train_gen(positives, negatives, planes, pre, names, radius, expected, holdout_fraction,
-                               init, seed, config)
+        data = self.micrograph_layer.data
+        args = dict(pre=self.preprocessor, names=list(self.names), radius=self.radius,
+                    expected=self.expected_particles, margin=self.margin, pixel_size=self.pixel_size)
+        return self._train_gen(positives, negatives, planes, data, holdout_fraction, init, seed, config, **args)
 
-    def _train_gen(self, positives, negatives, planes, pre, names, radius, expected, holdout_fraction, init,
-                   seed, config):
-        from napari_pupick.pipeline import labels_to_binned, split_holdout
-        from napari_pupick.training import TrainConfig, Trainer
+    def _train_gen(self, positives, negatives, planes, data, holdout_fraction, init, seed, config, *, pre, names,
+                   radius, expected, margin, pixel_size):
+        from napari_pupick.pipeline import split_holdout, training_run
 
         if len(positives) == 0:
             raise TrainingError("no positive labels: add the positives layer and click a few particles first")
@@ -532,30 +569,35 @@ class PickLoop:
             raise TrainingError("the micrographs are not preprocessed yet: run Preprocess first")
         labelled = [n for n in names if n in set(positives["micrograph"]) | set(negatives["micrograph"])]
         index = {n: i for i, n in enumerate(names)}
-        images = [planes[index[n]] for n in labelled]
+        raw = [data[index[n]] if data.ndim == 3 else data for n in labelled]
         holdout = split_holdout(labelled, positives, holdout_fraction, seed=seed) if holdout_fraction > 0 else []
-        s = int(pre.downsample)
         config = dict(config)
-        config.setdefault("particle_radius", radius / s)
-        config.setdefault("expected_particles", expected)
         config.setdefault("threads", 1)
         config.setdefault("device", self.device)
-        cfg = TrainConfig(seed=seed, **config)
-        trainer = Trainer(images, labelled, labels_to_binned(positives, s, labelled), cfg,
-                          negatives=labels_to_binned(negatives, s, labelled) if len(negatives) else None,
-                          holdout=holdout, init=init, preprocess=pre.to_dict())
+        calibration = (init.metrics or {}).get("calibration") if init is not None and init.metrics else None
+        trainer = training_run(raw, labelled, positives, radius=float(radius), pixel_size=pixel_size,
+                               expected_particles=expected, negatives=negatives if len(negatives) else None,
+                               holdout=holdout, init=init if init is not None else "default", preprocessor=pre,
+                               prepared=[planes[index[n]] for n in labelled], calibration=calibration,
+                               margin=margin, seed=seed, **config)
         self._trainer = trainer
+        total = 0
         try:
             for ev in trainer.run():
+                total = ev.total_steps or total
                 yield LoopEvent("train", ev.step, ev.total_steps, ev.message, ev)
         finally:
             self._trainer = None
         best = trainer.best
         if best is None:
             raise TrainingError("training stopped before the first step: no model to keep")
-        yield LoopEvent("trained", cfg.total_steps, cfg.total_steps,
-                        "kept the model" + (f" (held-out AP {best.metrics['heldout_ap']:.3f})"
-                                            if "heldout_ap" in best.metrics else ""), best)
+        metrics = best.metrics or {}
+        if "threshold" in metrics:
+            message = metrics.get("kept", "kept the model") + f"; threshold {metrics['threshold']:.2f}"
+        else:
+            message = "kept the model" + (f" (held-out AP {metrics['heldout_ap']:.3f})" if "heldout_ap" in metrics
+                                          else "")
+        yield LoopEvent("trained", total, total, message, best)
 
     def _apply_train(self, event: LoopEvent) -> None:
         if event.data.kind == "start":
@@ -564,7 +606,7 @@ class PickLoop:
         self._emit("history")
 
     def _apply_trained(self, event: LoopEvent) -> None:
-        self.set_model(event.data)
+        self.set_model(event.data, keep_threshold=True)
 
     def stop(self) -> None:
         """Stop a running training at its next step; the best model so far is kept."""
@@ -585,19 +627,28 @@ class PickLoop:
     # ------------------------------------------------------------------------------------------------------------
     # Models
 
-    def set_model(self, checkpoint) -> None:
-        """Make ``checkpoint`` the current model; offers its F2-optimal threshold when it knows one."""
+    def set_model(self, checkpoint, keep_threshold: bool = False) -> None:
+        """Make ``checkpoint`` the current model and show its calibrated threshold.
+
+        With ``keep_threshold`` (a retrained model) a threshold the user set by hand stays.
+        """
         self.checkpoint = checkpoint
         self._emit("model")
         t = self.suggested_threshold
-        if t is not None:
-            self.set_threshold(t)
+        if keep_threshold and self.threshold_by_hand:
+            return
+        self.set_threshold(t if t is not None else DEFAULT_THRESHOLD, by_hand=False)
 
     @property
     def suggested_threshold(self) -> float | None:
-        """The current model's F2-optimal threshold on held-out labels, when known."""
-        t = (self.checkpoint.metrics or {}).get("threshold_f2") if self.checkpoint is not None else None
-        return float(t) if t is not None and np.isfinite(t) else None
+        """The current model's threshold: the calibrated one (``metrics["threshold"]``, as
+        :attr:`napari_pupick.pipeline.Picker.threshold`), else the F2-optimal one on held-out micrographs."""
+        metrics = (self.checkpoint.metrics or {}) if self.checkpoint is not None else {}
+        for key in ("threshold", "threshold_f2"):
+            t = metrics.get(key)
+            if t is not None and np.isfinite(float(t)):
+                return float(t)
+        return None
 
     def save_model(self, path):
         """Save the current model (a checkpoint file, atomically)."""
@@ -611,7 +662,7 @@ class PickLoop:
         from napari_pupick.training import Checkpoint
 
         ckpt = Checkpoint.load(path)
-        self.set_model(ckpt)
+        self.set_model(ckpt)  # another model: its own threshold
         return ckpt
 
     def model_preprocessor(self):
@@ -638,15 +689,15 @@ class PickLoop:
             raise PupickError(f"planes {bad} are not among the {self.n_planes} micrographs")
         return out
 
-    def iter_predict(self, planes=None, device: str | None = None, tile: int | None = None, tta: bool = False
-                     ) -> Iterator[LoopEvent]:
+    def iter_predict(self, planes=None, device: str | None = None, tile: int | None = None,
+                     tta: bool | None = None) -> Iterator[LoopEvent]:
         """Score planes with the current model and extract picks (a generator for a thread worker).
 
         Parameters
         ----------
         planes : 'all' (default), 'current', an int or a list of ints
         device : 'auto', 'cpu', 'cuda', 'mps' (default: ``loop.device``)
-        tile, tta : see :func:`napari_pupick.predict.score_micrograph`.
+        tile, tta : see :func:`napari_pupick.predict.score_micrograph` (``tta`` None: as the model was calibrated).
 
         Yields
         ------
@@ -661,7 +712,7 @@ class PickLoop:
         same = self.preprocessor is not None and self.preprocessor.to_dict() == dict(self.checkpoint.preprocess)
         cache = dict(self.prepared) if same else {}
         return self._predict_gen(self.checkpoint, planes, cache, self.micrograph_layer.data, list(self.names),
-                                 self._nms_radius(), float(self.margin), device or self.device, tile, tta)
+                                 self._nms_radius(), self.effective_margin(), device or self.device, tile, tta)
 
     def _nms_radius(self) -> float:
         return float(self.nms_radius) if self.nms_radius else float(self.radius)
@@ -776,14 +827,19 @@ class PickLoop:
         s = int(self.scores_layer.metadata.get("downsample", self.factor)) if self._alive(self.scores_layer) \
             else self.factor
         for plane, logits in sorted(self.scores.items()):
-            picks = extract_picks(logits, self._nms_radius() / s, threshold=NMS_THRESHOLD, margin=self.margin / s,
+            picks = extract_picks(logits, self._nms_radius() / s, threshold=NMS_THRESHOLD,
+                                  margin=self.effective_margin() / s,
                                   factor=s, micrograph=self.names[plane])
             self._set_plane_picks(plane, picks)
         self._emit("picks")
 
-    def set_threshold(self, threshold: float) -> None:
-        """Show only the picks scoring at least ``threshold`` (a logit); no re-scoring."""
+    def set_threshold(self, threshold: float, by_hand: bool = True) -> None:
+        """Show only the picks scoring at least ``threshold`` (a logit); no re-scoring. Exports write these picks.
+
+        ``by_hand`` (the default, what the slider does): the threshold stays when a retrained model arrives.
+        """
         self.threshold = float(threshold)
+        self.threshold_by_hand = bool(by_hand)
         self._apply_threshold()
         self._emit("threshold")
 
@@ -876,8 +932,7 @@ class PickLoop:
     # ------------------------------------------------------------------------------------------------------------
     # 6. Export
 
-    def export(self, path, format: str | None = None, per_micrograph: bool = False, suffix: str = "",
-               all_picks: bool = False):
+    def export(self, path, format: str | None = None, per_micrograph: bool = False, suffix: str = ""):
         """Write the picks at or above the threshold (original pixels) through the plugin's writers.
 
         Parameters
@@ -890,8 +945,6 @@ class PickLoop:
             One file per micrograph (RELION's coordinate import).
         suffix : str
             Per-micrograph file name suffix, e.g. ``"_autopick"``.
-        all_picks : bool
-            Write every candidate, ignoring the threshold.
 
         Returns
         -------
@@ -904,7 +957,7 @@ class PickLoop:
             raise PupickError("no picks to export: run Predict first")
         layer = self.picks_layer
         score = layer.features["score"].to_numpy(float)
-        mask = np.ones(len(score), bool) if all_picks else score >= self.threshold
+        mask = score >= self.threshold  # the shown picks: never the candidates below the threshold
         # The picks layer holds original micrograph pixels (metadata downsample = 1): the writers need no scaling.
         meta = {"name": layer.name, "metadata": self._points_meta(),
                 "features": layer.features[mask].reset_index(drop=True)}

@@ -149,6 +149,7 @@ def training_run(
     holdout: Sequence[str] = (),
     init="default",
     preprocessor=None,
+    prepared: Sequence[np.ndarray] | None = None,
     calibration=None,
     margin: float | None = None,
     tta: bool = True,
@@ -171,6 +172,8 @@ def training_run(
         :func:`~napari_pupick.calibration.choose_downsample` (the choice is in ``trainer.binning``).
     pixel_size : Angstrom per original pixel, when known (reported with the binning).
     normalization : 'gmm', 'affine' or 'none' (ignored when ``preprocessor`` is given, e.g. a fitted one).
+    prepared : the images already binned and normalized by ``preprocessor`` (the napari session's cache): not
+        transformed again.
     expected_particles : expected particles per micrograph (sets the class prior pi); None: estimated.
     negatives : rejected picks (micrograph, x, y) in original pixels, or None.
     holdout : names of labelled micrographs held out for average precision per epoch (single round).
@@ -210,7 +213,7 @@ def training_run(
         images = prepare_images(raw_images, preprocessor, fit=True)
     else:
         binning = choose_downsample(radius, pixel_size, int(preprocessor.downsample))
-        images = [preprocessor.transform(im) for im in raw_images]
+        images = list(prepared) if prepared is not None else [preprocessor.transform(im) for im in raw_images]
     factor = int(preprocessor.downsample)
     cfg = TrainConfig(particle_radius=float(radius) / factor, expected_particles=expected_particles, **config)
     raw_shapes = {n: np.shape(im)[-2:] for n, im in zip(names, raw_images)}

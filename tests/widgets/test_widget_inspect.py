@@ -33,9 +33,9 @@ def test_threshold_slider_changes_shown_picks(picked, qtbot):
     assert len(loop.picks_table()) == int(shown_hi.sum())
 
 
-def test_f2_threshold_is_offered(picked):
+def test_model_threshold_is_offered(picked):
     viewer, loop = picked
-    loop.checkpoint.metrics["threshold_f2"] = 1.25
+    loop.checkpoint.metrics["threshold"] = 1.25
     loop.set_model(loop.checkpoint)
     predict = dock(viewer, "3 Predict and inspect")
     assert predict.suggest_button.enabled and "1.25" in predict.suggest_button.text

@@ -24,8 +24,9 @@ class PredictWidget(PupickWidget):
         self.all_button = PushButton(text="Score all")
         self.nms_radius = FloatSpinBox(label="NMS radius (px)", value=self.loop.radius, min=0, max=5000, step=1,
                                        tooltip="Picks closer than this (original pixels) suppress each other")
-        self.margin = FloatSpinBox(label="edge margin (px)", value=self.loop.margin, min=0, max=5000, step=1,
-                                   tooltip="Drop picks closer than this to the micrograph border")
+        self.margin = FloatSpinBox(label="edge margin (px)", value=self.loop.effective_margin(), min=0, max=5000,
+                                   step=1, tooltip="Drop picks closer than this to the micrograph border (default: "
+                                                   "the model's, chosen from the particle radius and the labels)")
         self.heatmap = CheckBox(text="show score heatmap", value=True)
         self.form = Container(widgets=[self.nms_radius, self.margin], labels=True)
         self.form.margins = (0, 0, 0, 0)
@@ -40,7 +41,7 @@ class PredictWidget(PupickWidget):
         self.threshold = FloatSlider(value=self.loop.threshold, min=-6.0, max=10.0, step=0.01, readout=True,
                                      tracking=True, tooltip="Show picks with score >= threshold (a logit)")
         self.threshold.label = "threshold"
-        self.suggest_button = PushButton(text="Use F2-optimal")
+        self.suggest_button = PushButton(text="Use the model's threshold")
         self.suggest_button.enabled = False
         self.body.addWidget(self.threshold.native)
         self.body.addWidget(self.suggest_button.native)
@@ -72,14 +73,16 @@ class PredictWidget(PupickWidget):
         """Score ``planes`` ('current', 'all' or indices) in a worker; picks and heatmap appear plane by plane."""
         if float(self.nms_radius.value) != self.loop.radius:
             self.loop.nms_radius = float(self.nms_radius.value) or None
-        self.loop.margin = float(self.margin.value)
+        if float(self.margin.value) != self.loop.effective_margin():
+            self.loop.margin = float(self.margin.value)
         return self.start_job(lambda: self.loop.iter_predict(planes), "Predict",
                               on_done=lambda job: self._picks_changed(self.loop))
 
     def use_suggested(self, *_):
+        """Back to the model's calibrated threshold (no longer a threshold set by hand)."""
         t = self.loop.suggested_threshold
         if t is not None:
-            self.set_threshold(t)
+            self.loop.set_threshold(t, by_hand=False)
 
     def set_threshold(self, value: float) -> None:
         """Show the picks with score >= ``value`` (the slider follows)."""
@@ -123,9 +126,12 @@ class PredictWidget(PupickWidget):
     def _model_changed(self, loop) -> None:
         t = loop.suggested_threshold
         self.suggest_button.enabled = t is not None
-        self.suggest_button.text = "Use F2-optimal" if t is None else f"Use F2-optimal ({t:.2f})"
-        self.suggest_button.tooltip = ("The F2-optimal threshold on the held-out labels of training"
-                                       if t is not None else "Known after training with a held-out fraction")
+        self.suggest_button.text = "Use the model's threshold" if t is None else f"Use the model's threshold ({t:.2f})"
+        self.suggest_button.tooltip = ("The threshold training calibrated from the held-out labels"
+                                       if t is not None else "Known after training")
+        if loop.margin is None:
+            with self.margin.changed.blocked():
+                self.margin.value = loop.effective_margin()
         self._show_threshold(loop.threshold)
         self.plot.set_threshold(loop.threshold)
 

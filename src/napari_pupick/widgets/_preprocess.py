@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, PushButton, SpinBox
 
-from napari_pupick.widgets._common import PupickWidget, heading
+from napari_pupick.widgets._common import PupickWidget, heading, text_label
 from napari_pupick.widgets._plot import MixturePlot
 
 __all__ = ["PreprocessWidget"]
 
+_BINNING = [("auto", "auto")] + [(str(k), k) for k in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)]
 _METHODS = [("GMM (dataset-wide mixture)", "gmm"), ("affine (mean / std)", "affine"), ("none", "none")]
 
 
@@ -18,34 +19,44 @@ class PreprocessWidget(PupickWidget):
 
     def __init__(self, napari_viewer):
         super().__init__(napari_viewer)
+        # the particle comes first: the automatic binning is chosen from its radius
+        self.radius = FloatSpinBox(label="particle radius (px)", value=self.loop.radius, min=1, max=2000,
+                                   step=1, tooltip="In original micrograph pixels; points are drawn 2 x radius wide")
+        self.expected = SpinBox(label="expected per micrograph", value=int(self.loop.expected_particles or 0),
+                                min=0, max=100000,
+                                tooltip="Roughly how many particles one micrograph holds (the class prior of "
+                                        "training); 0: estimated from the labels by training")
+        self.particles = Container(widgets=[self.radius, self.expected], labels=True)
+        self.particles.margins = (0, 0, 0, 0)
+        self.body.addWidget(heading("Particle"))
+        self.body.addWidget(self.particles.native)
+        self.particle_info = text_label()
+        self.body.addWidget(self.particle_info)
+
         self.layer = ComboBox(label="micrographs", choices=self._image_layers, nullable=False)
-        self.downsample = SpinBox(label="downsample", value=1, min=1, max=32,
-                                  tooltip="Integer binning factor (Fourier cropping): aim for particles 10-30 px "
-                                          "across after binning")
+        self.downsample = ComboBox(label="binning", choices=_BINNING, value="auto",
+                                   tooltip="auto: the factor that makes the particle radius about 12 binned px "
+                                           "(where the network works best)")
         self.method = ComboBox(label="normalization", choices=_METHODS, value="gmm")
         self.run_button = PushButton(text="Preprocess")
         self.form = Container(widgets=[self.layer, self.downsample, self.method, self.run_button], labels=True)
         self.form.margins = (0, 0, 0, 0)
         self.body.addWidget(heading("Micrographs"))
         self.body.addWidget(self.form.native)
+        self.binning_info = text_label()
+        self.body.addWidget(self.binning_info)
         self.plot = MixturePlot()
         self.body.addWidget(self.plot)
 
-        self.radius = FloatSpinBox(label="particle radius (px)", value=self.loop.radius, min=1, max=2000,
-                                   step=1, tooltip="In original micrograph pixels; points are drawn 2 x radius wide")
-        self.expected = SpinBox(label="expected per micrograph", value=int(self.loop.expected_particles), min=1,
-                                max=100000, tooltip="Roughly how many particles one micrograph holds (sets the "
-                                                    "class prior of training)")
         self.label_button = PushButton(text="Label particles (positives layer)")
-        self.particles = Container(widgets=[self.radius, self.expected, self.label_button], labels=True)
-        self.particles.margins = (0, 0, 0, 0)
-        self.body.addWidget(heading("Particles"))
-        self.body.addWidget(self.particles.native)
+        self.body.addWidget(heading("Labels"))
+        self.body.addWidget(self.label_button.native)
 
         self.run_button.changed.connect(self.run)
         self.label_button.changed.connect(self.add_positives)
         self.layer.changed.connect(self._layer_changed)
         self.radius.changed.connect(lambda v: self.report(lambda: self.loop.set_particle(radius=v), "radius"))
+        self.radius.changed.connect(self._hint)
         self.expected.changed.connect(
             lambda v: self.report(lambda: self.loop.set_particle(expected_particles=v), "expected particles"))
         self.downsample.changed.connect(self._hint)
@@ -82,12 +93,27 @@ class PreprocessWidget(PupickWidget):
             self._reset_choices()
             self.layer.value = loop.micrograph_layer
         self.radius.value = loop.radius
-        self.expected.value = int(round(loop.expected_particles))
+        self.expected.value = int(round(loop.expected_particles or 0))
+        self._hint()
 
     def _hint(self, *_):
-        r = self.loop.radius / max(self.downsample.value, 1)
-        self.downsample.tooltip = (f"Integer binning factor (Fourier cropping). With this factor a particle is about "
-                                   f"{2 * r:.0f} px across (10-30 px works well).")
+        """The binning the chosen setting gives, in pixels (and Angstrom when the header has a pixel size)."""
+        loop = self.loop
+        try:
+            b = loop.binning(self.downsample.value)
+        except ValueError as exc:
+            self.binning_info.setText(str(exc))
+            return
+        px = loop.pixel_size if loop.micrograph_layer is not None else None
+        how = "auto" if b.auto else "set here"
+        text = (f"binning {b.factor} ({how}): particle radius {b.radius:g} px -> {b.binned_radius:.3g} binned px")
+        if px:
+            text += f"; {px:.3g} A/px -> {b.binned_pixel_size:.3g} A per binned pixel"
+        if b.warning:
+            text += f"<br><span style='color:#ffb050'>{b.warning}</span>"
+        self.binning_info.setText(text)
+        self.particle_info.setText(f"radius {b.radius:g} px = {b.radius * px:.0f} A (diameter {2 * b.radius * px:.0f} A)"
+                                   if px else "pixel size unknown (not in the file header): sizes in pixels")
 
     def busy_widgets(self) -> list:
         return [self.run_button, self.layer, self.downsample, self.method]
@@ -96,7 +122,7 @@ class PreprocessWidget(PupickWidget):
 
     def run(self, *_):
         """Bin and normalize the chosen micrographs in a worker; adds or refreshes the normalized layer."""
-        layer, s, method = self.layer.value, int(self.downsample.value), self.method.value
+        layer, s, method = self.layer.value, self.downsample.value, self.method.value
         return self.start_job(lambda: self.loop.iter_preprocess(layer, s, method), "Preprocess")
 
     def _show_mixture(self, loop) -> None:
@@ -109,8 +135,8 @@ class PreprocessWidget(PupickWidget):
             text += (f"<br>mixture: p = {gmm.p:.2f}, mu = ({gmm.mu0:.3g}, {gmm.mu1:.3g}), "
                      f"s = ({gmm.s0:.3g}, {gmm.s1:.3g})")
         self.status.setText(text)
-        if self.downsample.value != pre.downsample:
-            self.downsample.value = pre.downsample
+        if self.downsample.value != "auto" and self.downsample.value != pre.downsample:
+            self.downsample.value = pre.downsample if pre.downsample in dict(_BINNING).values() else "auto"
         if self.method.value != pre.method:
             self.method.value = pre.method
 

@@ -18,6 +18,27 @@ _MODELS = [("conv3 (fast)", "conv3"), ("resnet8 (stronger)", "resnet8")]
 _DEVICES = [("auto", "auto"), ("CUDA", "cuda"), ("MPS (Apple)", "mps"), ("CPU", "cpu")]
 
 
+def describe_model(ck) -> str:
+    """What the user needs to know about a model: its threshold, the particle count, recall and precision."""
+    m = ck.metrics or {}
+    parts = [f"{ck.model}", f"trained {ck.created[:16].replace('T', ' ')}" if ck.created else ""]
+    if m.get("threshold") is not None:
+        parts.append(f"calibrated threshold {m['threshold']:.2f}")
+    if m.get("expected_particles") is not None:
+        how = "estimated" if m.get("expected_source") == "estimated" else "given"
+        parts.append(f"about {m['expected_particles']:.0f} particles per micrograph ({how})")
+    if m.get("label_recall") is not None:
+        parts.append(f"held-out labels found {m['label_recall']:.0%}, estimated precision {m['precision']:.0%}")
+    if m.get("heldout_ap") is not None:
+        parts.append(f"held-out AP {m['heldout_ap']:.3f}")
+    if m.get("threshold_f2") is not None:
+        parts.append(f"F2 threshold {m['threshold_f2']:.2f}")
+    text = " · ".join(p for p in parts if p)
+    if m.get("kept"):
+        text += f"<br>{m['kept']}"
+    return text
+
+
 class TrainWidget(PupickWidget):
     """Training settings, Train / Retrain / Cancel, a live plot, Save and Load.
 
@@ -40,10 +61,11 @@ class TrainWidget(PupickWidget):
         self.epochs = SpinBox(label="epochs", value=5, min=1, max=1000)  # TrainConfig.epochs
         self.steps = SpinBox(label="steps per epoch", value=20, min=1, max=100000)
         self.device = ComboBox(label="device", choices=_DEVICES, value="auto")
-        self.holdout = FloatSpinBox(label="held-out fraction", value=0.25, min=0.0, max=0.5, step=0.05,
-                                    tooltip="Labelled micrographs held out to measure average precision after "
-                                            "each epoch; the best epoch is kept and its F2-optimal threshold "
-                                            "offered")
+        self.holdout = FloatSpinBox(label="held-out micrographs", value=0.0, min=0.0, max=0.5, step=0.05,
+                                    tooltip="0 (default): two rounds that estimate the particle count and "
+                                            "calibrate the threshold from labels held out of the first round "
+                                            "(retraining runs one). Above 0: hold out this fraction of the "
+                                            "labelled micrographs to measure average precision per epoch instead")
         self.threads = SpinBox(label="CPU threads", value=1, min=1, max=64,
                                tooltip="torch threads while training; leave a core free for the viewer")
         self.form = Container(widgets=[self.objective, self.model, self.epochs, self.steps, self.device,
@@ -80,8 +102,10 @@ class TrainWidget(PupickWidget):
         self._axes_timer.setSingleShot(True)
         self._axes_timer.setInterval(400)
         self._axes_timer.timeout.connect(self._fit_axes)
-        self.epochs.changed.connect(self._axes_timer.start)
-        self.steps.changed.connect(self._axes_timer.start)
+        # a Python callable: psygnal cannot read the signature of the builtin QTimer.start (a UserWarning on
+        # every docking) and would pass the new value on as the interval
+        self.epochs.changed.connect(lambda *_: self._axes_timer.start())
+        self.steps.changed.connect(lambda *_: self._axes_timer.start())
         self._fit_axes()
         self.subscribe("history", self._history)
         self.subscribe("model", self._model_changed)
@@ -150,13 +174,7 @@ class TrainWidget(PupickWidget):
         if ck is None:
             self.model_info.setText("no model yet")
             return
-        m = ck.metrics or {}
-        parts = [f"{ck.model}", f"trained {ck.created[:16].replace('T', ' ')}" if ck.created else ""]
-        if m.get("heldout_ap") is not None:
-            parts.append(f"held-out AP {m['heldout_ap']:.3f}")
-        if m.get("threshold_f2") is not None:
-            parts.append(f"F2 threshold {m['threshold_f2']:.2f}")
-        self.model_info.setText(" · ".join(p for p in parts if p))
+        self.model_info.setText(describe_model(ck))
         if ck.history and not loop.history:
             from napari_pupick.training import TrainEvent
 
