@@ -343,7 +343,7 @@ def quality_race(names, args, argv_text) -> str:
             results.append(dict(dataset=ds.name, picker=f"Topaz 0.3.20 {variant}", train_wall_s=wall, **sc))
             rows.append(f"| {ds.name} | Topaz 0.3.20, {variant}, {args.topaz_epochs * args.topaz_epoch_size} updates "
                         f"| {_fmt(wall, 3)} | {sc['ap']:.3f} | {sc['best_f1']:.3f} | - |")
-        for init in args.inits.split(","):
+        for init in [i for i in args.inits.split(",") if i]:
             r = _in_fresh_process(run_one, name, args.seed, ds.n_labels, {"init": init})
             results.append(dict(picker=f"napari-pupick init {init}", **r))
             rows.append(f"| {ds.name} | napari-pupick, shortest command, `--init {init}` | {r['train_s']:.0f} | "

@@ -8,7 +8,7 @@ from napari_pupick.autotrain import AutoTrainer
 from napari_pupick.pipeline import training_run
 from napari_pupick.synthetic import make_synthetic
 
-TINY = dict(epochs=2, steps_per_epoch=6, model_params={"width": 0.25}, threads=1, device="cpu")
+TINY = dict(epochs=2, steps_per_epoch=6, model_params={"width": 0.25}, threads=1, device="cpu", init="none")
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,8 @@ def test_retraining_with_a_calibration_is_one_round(synth):
     first = training_run(synth.micrographs, synth.names, synth.labels, radius=10, seed=0, **TINY)
     _run(first)
     ckpt = first.best
-    again = training_run(synth.micrographs, synth.names, synth.labels, radius=10, seed=1, init=ckpt,
-                         calibration=ckpt.metrics["calibration"], **TINY)
+    again = training_run(synth.micrographs, synth.names, synth.labels, radius=10, seed=1,
+                         calibration=ckpt.metrics["calibration"], **{**TINY, "init": ckpt})
     assert not again.surveying
     events = _run(again)
     assert [e.kind for e in events].count("calibrated") == 0 and events[-1].total_steps == 12

@@ -59,7 +59,7 @@ def labels_to_binned(labels: pd.DataFrame, factor: int, names: Sequence[str] | N
 
 
 #: Where training starts by default (see :func:`resolve_init`).
-DEFAULT_INIT = "none"
+DEFAULT_INIT = "general"
 
 
 def resolve_init(init, model: str | None = None):
