@@ -40,6 +40,8 @@ __all__ = ["BatchItem", "BatchResult", "BatchSettings", "file_sha256", "plan_ite
 SIDECAR_VERSION = 1
 SIDECAR_DIR = ".pupick"
 _EXT = {"star": ".star", "csv": ".csv", "topaz": ".txt", "box": ".box"}
+#: This process's Picker of the current run, keyed by (model path, sha256, device, tta): loaded once.
+_PICKERS: dict = {}
 
 
 def file_sha256(path, chunk: int = 1 << 20) -> str:
@@ -75,12 +77,15 @@ class BatchSettings:
 
 
 def resolve_settings(model, *, threshold=None, radius=None, margin=None, tta=None, format="star",
-                     box_size=None) -> BatchSettings:
-    """The model's own defaults (calibrated threshold, margin, particle radius, TTA) where a value is None."""
+                     box_size=None, device: str = "auto") -> BatchSettings:
+    """The model's own defaults (calibrated threshold, margin, particle radius, TTA) where a value is None.
+
+    The Picker loaded here is this process's cached one for the run (see :func:`_picker`): a serial run loads
+    and hashes the model once."""
     from napari_pupick.pipeline import Picker
 
     model = Path(model).resolve()
-    picker = Picker(model, device="cpu", tta=tta)
+    picker = Picker(model, device=device, tta=tta)
     r = picker.particle_radius if radius is None else float(radius)
     if r is None:
         raise PupickError(f"{model}: the checkpoint has no particle radius; give radius (original pixels)")
@@ -89,10 +94,13 @@ def resolve_settings(model, *, threshold=None, radius=None, margin=None, tta=Non
         raise CoordinateError(f"unknown coordinate format {format!r}; use one of {', '.join(_EXT)}")
     if fmt == "box" and box_size is None:
         box_size = 2 * r
-    return BatchSettings(model=str(model), model_sha256=file_sha256(model),
-                         threshold=picker.threshold if threshold is None else float(threshold), radius=float(r),
-                         margin=picker.margin if margin is None else float(margin), tta=bool(picker.tta),
-                         format=fmt, box_size=None if box_size is None else float(box_size))
+    settings = BatchSettings(model=str(model), model_sha256=file_sha256(model),
+                             threshold=picker.threshold if threshold is None else float(threshold),
+                             radius=float(r), margin=picker.margin if margin is None else float(margin),
+                             tta=bool(picker.tta), format=fmt, box_size=None if box_size is None else float(box_size))
+    _PICKERS.clear()
+    _PICKERS[(settings.model, settings.model_sha256, str(device), settings.tta)] = picker
+    return settings
 
 
 @dataclass
@@ -199,19 +207,18 @@ def _write_item(item: BatchItem, table: pd.DataFrame, settings: BatchSettings) -
 # ---------------------------------------------------------------------------------------------------------------
 # The task (runs in this process or on a dask worker)
 
-_PICKERS: dict = {}
-
 
 def _picker(model: str, sha: str, device: str, tta: bool, threads: int | None):
     """This process's Picker for the model, loaded once (keyed by path and checksum)."""
+    from napari_pupick.predict import set_threads
+
+    if threads:
+        set_threads(threads)
     key = (model, sha, device, tta)
     picker = _PICKERS.get(key)
     if picker is None:
         from napari_pupick.pipeline import Picker
-        from napari_pupick.predict import set_threads
 
-        if threads:
-            set_threads(threads)
         seen = file_sha256(model)
         if seen != sha:
             raise PupickError(f"{model}: the model file here (sha256 {seen[:12]}) differs from the one the run "
@@ -322,7 +329,7 @@ def run_batch(model, paths: Sequence, folder, *, combined=None, format: str = "s
     """
     t_start = time.perf_counter()
     settings = resolve_settings(model, threshold=threshold, radius=radius, margin=margin, tta=tta, format=format,
-                                box_size=box_size)
+                                box_size=box_size, device=str(device))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     items = plan_items(paths, folder, settings.format, suffix, targets, names)

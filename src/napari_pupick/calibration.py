@@ -54,6 +54,7 @@ __all__ = [
     "calibrate",
     "choose_downsample",
     "default_margin",
+    "model_margin",
     "initial_expected",
     "label_margin",
     "label_scores",
@@ -62,8 +63,8 @@ __all__ = [
 ]
 
 #: The binned particle radius (pixels) the automatic binning aims at, and the range outside which a factor given
-#: by hand gets a warning. Measured with ``benchmarks/bench_defaults.py binning`` on the three shared sets (conv3,
-#: receptive field 43 px): AP is flat for binned radii 10-15 px, 0.005-0.05 lower at 7.5, 0.02-0.14 lower at 6,
+#: by hand gets a warning. Measured with ``benchmarks/bench_defaults.py binning`` on the three shared sets (conv3
+#: with stem stride 2, receptive field 43 px): AP is flat for binned radii 10-15 px, 0.005-0.05 lower at 7.5, 0.02-0.14 lower at 6,
 #: and collapses at 30 (0.38 on apoferritin). See docs/benchmarks.md.
 TARGET_BINNED_RADIUS = 12.0
 BINNED_RADIUS_RANGE = (8.0, 18.0)
@@ -191,6 +192,15 @@ def default_margin(radius: float) -> float:
     and half particles); extraction of such a box fails in RELION and cryoSPARC anyway.
     """
     return _check_radius(radius)
+
+
+def model_margin(metrics: dict | None, radius: float | None) -> float:
+    """A model's edge margin in original pixels: ``metrics["margin"]`` (chosen at training by
+    :func:`label_margin`), else :func:`default_margin` of ``radius`` (0 when the radius is unknown)."""
+    m = (metrics or {}).get("margin")
+    if m is not None and np.isfinite(float(m)):
+        return float(m)
+    return default_margin(radius) if radius else 0.0
 
 
 def label_margin(labels: pd.DataFrame, shapes: dict, radius: float) -> float:

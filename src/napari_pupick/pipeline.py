@@ -330,13 +330,9 @@ class Picker:
         """Default edge margin in original pixels: ``checkpoint.metrics["margin"]`` (chosen at training from the
         particle radius and the labels, :func:`~napari_pupick.calibration.label_margin`), else one particle
         radius (0 when the radius is unknown)."""
-        from napari_pupick.calibration import default_margin
+        from napari_pupick.calibration import model_margin
 
-        m = (self.checkpoint.metrics or {}).get("margin")
-        if m is not None and np.isfinite(float(m)):
-            return float(m)
-        r = self.particle_radius
-        return default_margin(r) if r else 0.0
+        return model_margin(self.checkpoint.metrics, self.particle_radius)
 
     @property
     def suggested_threshold(self) -> float | None:
