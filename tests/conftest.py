@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 
-#: Real micrographs with ground truth (read-only; see its README.md). Override with $PUPICK_DATA.
-DATA_DIR = Path(os.environ.get("PUPICK_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+#: Real micrographs with ground truth: crops of the shared CC0 EMPIAR sets kept in tests/data/real (made by
+#: tests/data/make_real_crops.py), so the suite needs nothing beside the clone. Override with $PUPICK_DATA.
+DATA_DIR = Path(os.environ.get("PUPICK_DATA", Path(__file__).resolve().parent / "data" / "real"))
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The real-data folder (/work/shared/data beside the clone, or $PUPICK_DATA)."""
+    """The real-data folder (tests/data/real, or $PUPICK_DATA)."""
     if not DATA_DIR.is_dir():  # fail, not skip: the real-data tests are part of what the suite proves
-        pytest.fail(f"real data folder {DATA_DIR} not found: put shared/data beside the clone or set PUPICK_DATA")
+        pytest.fail(f"real data folder {DATA_DIR} not found (tests/data/real, or set PUPICK_DATA)")
     return DATA_DIR
 
 

@@ -65,15 +65,15 @@ def test_micrograph_name_strips_directories_and_known_extensions_only(given, exp
 def test_real_apoferritin_micrographs(data_dir):
     folder = data_dir / "empiar10146_apoferritin" / "micrographs"
     files = list_micrographs(folder)
-    assert len(files) == 19
+    assert len(files) == 3
     assert [p.name for p in files] == sorted(p.name for p in folder.glob("*.mrc"))
     image = read_micrograph(files[0])
-    # 1240 x 1200 in the README is width x height: the array is 1200 rows by 1240 columns.
-    assert image.shape == (1200, 1240)
+    # the crop is 320 wide and 256 high (as the full 1240 x 1200, width x height): 256 rows by 320 columns
+    assert image.shape == (256, 320)
     assert image.dtype == np.uint16
     assert image.flags.writeable
     info = micrograph_info(files[0])
-    assert info["shape"] == (1200, 1240) and info["dtype"] == np.uint16
+    assert info["shape"] == (256, 320) and info["dtype"] == np.uint16
     assert info["pixel_size"] == 0.0  # these headers carry no pixel size: 0 means unknown
 
 
@@ -81,13 +81,13 @@ def test_real_ribosome_stack_is_lazy_and_matches_single_reads(data_dir, count_re
     folder = data_dir / "empiar10028_ribosome" / "micrographs"
     stack = open_stack(folder)
     assert count_reads == []  # headers only
-    assert stack.shape == (10, 1024, 1024) and stack.data.dtype == np.float32
-    assert stack.data.chunksize == (1, 1024, 1024)
-    assert stack.names[:2] == ["061_10028", "062_10028"] and len(stack.names) == 10
+    assert stack.shape == (3, 256, 256) and stack.data.dtype == np.float32
+    assert stack.data.chunksize == (1, 256, 256)
+    assert stack.names[:2] == ["061_10028", "062_10028"] and len(stack.names) == 3
     assert stack.data_range is not None and stack.data_range[0] < stack.data_range[1]
-    plane = np.asarray(stack.data[3])
-    assert len(count_reads) == 1 and count_reads[0][0].endswith("064_10028.mrc")
-    np.testing.assert_array_equal(plane, read_micrograph(stack.paths[3]))
+    plane = np.asarray(stack.data[2])
+    assert len(count_reads) == 1 and count_reads[0][0].endswith("063_10028.mrc")
+    np.testing.assert_array_equal(plane, read_micrograph(stack.paths[2]))
 
 
 def test_synthetic_round_trip_and_pixel_size(synthetic_dir):
