@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -186,7 +188,7 @@ def test_csv_missing_columns_lists_found_and_needed(tmp_path):
 
 def test_non_numeric_and_bad_box_lines(tmp_path):
     (tmp_path / "t.csv").write_text("micrograph,x,y\na,1,2\na,three,4\n")
-    with pytest.raises(CoordinateError, match=r"t\.csv: 1 value\(s\) of x are missing or not numbers.*'three'"):
+    with pytest.raises(CoordinateError, match=r"t\.csv: 1 value\(s\) of x are missing or not finite numbers.*'three'"):
         read_coordinates(tmp_path / "t.csv")
     (tmp_path / "m.box").write_text("10 20 64 64\n10 20\n")
     with pytest.raises(CoordinateError, match=r"m\.box, line 2: expected x_corner y_corner width height"):
@@ -248,14 +250,12 @@ def _boom(*args, **kwargs):
     raise OSError("disk full (simulated)")
 
 
-@pytest.mark.parametrize("filename, target", [("picks.star", "starfile.write"), ("picks.csv", "to_csv")])
+@pytest.mark.parametrize("filename, target", [("picks.star", "_write_text"), ("picks.csv", "to_csv")])
 def test_failed_write_leaves_existing_file_and_no_temp(tmp_path, table, monkeypatch, filename, target):
     path = tmp_path / filename
     path.write_text("precious\n")
-    if target == "starfile.write":
-        import starfile
-
-        monkeypatch.setattr(starfile, "write", _boom)
+    if target == "_write_text":
+        monkeypatch.setattr(coords_module, "_write_text", _boom)
     else:
         monkeypatch.setattr(pd.DataFrame, "to_csv", _boom)
     with pytest.raises(OSError, match="disk full"):
@@ -269,9 +269,7 @@ def test_failed_per_micrograph_write_replaces_nothing(tmp_path, table, monkeypat
     out.mkdir()
     (out / "0007.star").write_text("old 0007\n")
     (out / "May08_03.05.02.star").write_text("old May\n")
-    import starfile
-
-    real, calls = starfile.write, []
+    real, calls = coords_module._write_text, []
 
     def fail_second(*args, **kwargs):
         calls.append(1)
@@ -279,7 +277,7 @@ def test_failed_per_micrograph_write_replaces_nothing(tmp_path, table, monkeypat
             raise OSError("disk full (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(starfile, "write", fail_second)
+    monkeypatch.setattr(coords_module, "_write_text", fail_second)
     with pytest.raises(OSError):
         write_coordinates(table, out, per_micrograph=True)
     assert sorted(p.name for p in out.iterdir()) == ["0007.star", "May08_03.05.02.star"]
@@ -294,3 +292,148 @@ def test_successful_write_replaces_existing_file(tmp_path, table):
     assert path.read_text().startswith("micrograph,x,y,score")
     assert [p.name for p in tmp_path.iterdir()] == ["picks.csv"]
     assert coords_module.guess_format(path) == "csv"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reliability (issue 13): no stale reads, no silent drops, one rule for coordinates and names
+# ---------------------------------------------------------------------------------------------------------------
+
+_STAR_ROW = "data_\n\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n{}\n"
+
+
+def test_star_fixed_after_a_failed_read_gives_the_new_rows(tmp_path):
+    path = tmp_path / "picks.star"
+    path.write_text(_STAR_ROW.format("a.mrc 1 2\nb.mrc 3"))  # a row with a missing field
+    with pytest.raises(CoordinateError, match=r"picks\.star, line 8: 2 value\(s\) in a row.*3 column"):
+        read_coordinates(path)
+    path.write_text(_STAR_ROW.format("a.mrc 100 200\nb.mrc 300 400"))
+    t = read_coordinates(path)
+    assert t[["x", "y"]].to_numpy().tolist() == [[100, 200], [300, 400]]
+
+
+def test_concatenated_star_files_keep_every_block(tmp_path):
+    one = "data_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n{}\n"
+    path = tmp_path / "mic_autopick.star"
+    path.write_text(one.format("1 2\n3 4") + one.format("5 6"))  # cat a_autopick.star b_autopick.star
+    t = read_coordinates(path)
+    assert t[["x", "y"]].to_numpy().tolist() == [[1, 2], [3, 4], [5, 6]] and set(t.micrograph) == {"mic"}
+
+
+def test_star_windows_path_in_one_row_block_and_names_like_nan(tmp_path):
+    path = tmp_path / "one.star"
+    path.write_text("data_\n_rlnMicrographName C:\\data\\mics\\x.tif.mrc\n_rlnCoordinateX 5\n_rlnCoordinateY 6\n")
+    t = read_coordinates(path)
+    assert t.micrograph.tolist() == ["x.tif"] and t.x.tolist() == [5.0]
+    path.write_text(_STAR_ROW.format("nan 1 2\nnan.mrc 3 4"))
+    assert read_coordinates(path).micrograph.tolist() == ["nan", "nan"]
+
+
+def test_star_duplicate_column_is_an_error(tmp_path):
+    path = tmp_path / "dup.star"
+    path.write_text("data_\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n1 2 3\n")
+    with pytest.raises(CoordinateError, match=r"dup\.star, line 4: column _rlnCoordinateX appears twice"):
+        read_coordinates(path)
+    (tmp_path / "dup.csv").write_text("micrograph,x,x,y\na,1,2,3\n")
+    with pytest.raises(CoordinateError, match=r"dup\.csv"):
+        read_coordinates(tmp_path / "dup.csv")
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "1e400", "nan", "1e300"])
+@pytest.mark.parametrize("fmt", ["star", "csv", "topaz", "box"])
+def test_non_finite_or_huge_coordinates_are_named_errors(tmp_path, value, fmt):
+    body = {"star": _STAR_ROW.format(f"a.mrc 1 2\na.mrc {value} 4"),
+            "csv": f"micrograph,x,y\na,1,2\na,{value},4\n",
+            "topaz": f"image_name\tx_coord\ty_coord\na\t1\t2\na\t{value}\t4\n",
+            "box": f"1 2 10 10\n{value} 4 10 10\n"}[fmt]
+    path = tmp_path / f"a.{ {'topaz': 'txt'}.get(fmt, fmt) }"
+    path.write_text(body)
+    with pytest.raises(CoordinateError) as info:
+        read_coordinates(path)
+    msg = str(info.value)
+    assert str(path) in msg and ("row 2" in msg or "line 2" in msg) and value in msg
+
+
+def test_box_decimal_commas_are_refused(tmp_path):
+    path = tmp_path / "m.box"
+    path.write_text("10,5 20,5 64 64\n")
+    with pytest.raises(CoordinateError, match=r"m\.box, line 1: '10,5' is not a number \(a decimal comma"):
+        read_coordinates(path)
+    path.write_text("10,20,64,64\n")  # comma-separated is fine
+    assert read_coordinates(path)[["x", "y"]].to_numpy().tolist() == [[42, 52]]
+
+
+def test_malformed_tsv_gives_our_error(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_bytes(b'image_name\tx_coord\ty_coord\n"a\t1\t2\n')
+    try:
+        t = read_coordinates(path)
+    except CoordinateError as exc:
+        assert "bad.tsv" in str(exc)
+    else:
+        assert tuple(t.columns) == COLUMNS
+
+
+@pytest.mark.parametrize("name", ["#hash", "_under", "data_x", "loop_y", "with space", "it's", 'say "hi"',
+                                  "x.tif", "May08_03.05.02", "nan", "'quoted'", "a.mrc.tif"])
+@pytest.mark.parametrize("filename", ["p.star", "p.csv", "p.txt"])
+def test_micrograph_names_round_trip(tmp_path, name, filename):
+    table = pd.DataFrame({"micrograph": [name, "plain"], "x": [1.0, 2.0], "y": [3.0, 4.0], "score": [0.5, 1.0]})
+    back = read_coordinates(write_coordinates(table, tmp_path / filename))
+    assert back.micrograph.tolist() == [name, "plain"]
+
+
+@pytest.mark.parametrize("name", ["x.tif", "May08_03.05.02", "nan", "#h"])
+@pytest.mark.parametrize("fmt", ["star", "csv", "topaz", "box"])
+def test_per_micrograph_names_round_trip(tmp_path, name, fmt):
+    table = pd.DataFrame({"micrograph": [name], "x": [10.0], "y": [30.0], "score": [0.5]})
+    write_coordinates(table, tmp_path / "per", fmt, per_micrograph=True, box_size=8)
+    assert read_coordinates(tmp_path / "per").micrograph.tolist() == [name]
+
+
+@pytest.mark.parametrize("name", [" lead", "trail ", "tab\there", "line\nbreak", ""])
+def test_names_no_reader_gives_back_are_refused(tmp_path, name):
+    table = pd.DataFrame({"micrograph": [name], "x": [1.0], "y": [2.0], "score": [0.5]})
+    for filename in ["p.star", "p.csv", "p.txt"]:
+        with pytest.raises(CoordinateError, match=r"micrograph name .*rename it|cannot store"):
+            write_coordinates(table, tmp_path / filename)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writers_refuse_infinite_coordinates(tmp_path, table):
+    with pytest.raises(CoordinateError, match=r"a\.csv: 1 value\(s\) of x .*row 2, inf"):
+        write_coordinates(table.assign(x=[1.0, np.inf, 2, 3, 4]), tmp_path / "a.csv")
+
+
+def test_files_get_the_umask_permissions(tmp_path, table):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = write_coordinates(table, tmp_path / "p.star")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_per_micrograph_export_failing_at_the_second_rename_keeps_the_old_set(tmp_path, table, monkeypatch):
+    out = tmp_path / "per"
+    out.mkdir()
+    (out / "0007.star").write_text("old 0007\n")
+    (out / "May08_03.05.02.star").write_text("old May\n")
+    real, calls = os.replace, []
+
+    def fail_second(src, dst):
+        if not str(src).endswith(".tmp") or str(dst).endswith(".tmp"):
+            return real(src, dst)
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("rename failed (simulated)")
+        return real(src, dst)
+
+    monkeypatch.setattr(coords_module.os, "replace", fail_second)
+    with pytest.raises(OSError, match="rename failed"):
+        write_coordinates(table, out, per_micrograph=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["0007.star", "May08_03.05.02.star"]
+    assert (out / "0007.star").read_text() == "old 0007\n"
+    assert (out / "May08_03.05.02.star").read_text() == "old May\n"

@@ -111,7 +111,7 @@ def _name_from_file(path: Path) -> str:
         if stem.endswith(suffix) and len(stem) > len(suffix):
             stem = stem[: -len(suffix)]
             break
-    return micrograph_name(stem)
+    return stem  # "x.tif.star" is micrograph "x.tif" (of x.tif.mrc), as RELION names it
 
 
 def _empty_table() -> pd.DataFrame:
@@ -127,27 +127,42 @@ def _find_column(columns, key: str):
     return None
 
 
+#: Largest coordinate magnitude accepted (pixels): anything larger is not a micrograph position.
+MAX_COORDINATE = 1e7
+
+
 def _numeric(values: pd.Series, what: str, path, allow_nan: bool) -> np.ndarray:
-    """Column as float64; blanks become NaN where ``allow_nan``, anything else non-numeric is an error."""
+    """Column as float64: finite numbers (blanks become NaN where ``allow_nan``); anything else is an error
+    naming the file, the data row and the value. Coordinates (``allow_nan`` False) must also lie within
+    +-:data:`MAX_COORDINATE`."""
     if values.dtype.kind in "iufb":
         out = values.to_numpy(float)
-        bad = np.zeros(len(out), bool) if allow_nan else np.isnan(out)
+        blank = np.isnan(out) if allow_nan else np.zeros(len(out), bool)
     else:
         text = values.astype(str).str.strip()
-        blank = text.str.lower().isin(["", "nan", "<na>", "none", "na"]).to_numpy()
+        blank = text.str.lower().isin(["", "nan", "<na>", "none", "na", "null"]).to_numpy().copy()
+        if not allow_nan:
+            blank[:] = False
         out = pd.to_numeric(text.where(~blank, "nan"), errors="coerce").to_numpy(float)
-        bad = np.isnan(out) & ~blank if allow_nan else np.isnan(out)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(out) & ~blank
+        if not allow_nan:
+            bad |= np.abs(out) > MAX_COORDINATE
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
+        limit = "" if allow_nan else f", within +-{MAX_COORDINATE:g} px"
         raise CoordinateError(
-            f"{path}: {int(bad.sum())} value(s) of {what} are missing or not numbers "
-            f"(first: data row {i + 1}, {values.iloc[i]!r})"
+            f"{path}: {int(bad.sum())} value(s) of {what} are missing or not finite numbers{limit} "
+            f"(first: data row {i + 1}, {values.iloc[i] if isinstance(values.iloc[i], str) else float(out[i])!r})"
         )
     return out
 
 
-def _standardise(df: pd.DataFrame, path, default_name: str | None, fmt: str) -> pd.DataFrame:
-    """Map a raw table with any accepted column names onto :data:`COLUMNS`."""
+def _standardise(df: pd.DataFrame, path, default_name: str | None, fmt: str, from_file: bool = True) -> pd.DataFrame:
+    """Map a raw table with any accepted column names onto :data:`COLUMNS`.
+
+    Names read ``from_file`` are stripped of whitespace, directories and micrograph extensions; names of a table
+    built in memory are kept as they are."""
     cols = {key: _find_column(df.columns, key) for key in _ALIASES}
     if cols["x"] is None or cols["y"] is None or (cols["micrograph"] is None and default_name is None):
         found = ", ".join(map(str, df.columns)) or "none"
@@ -155,7 +170,8 @@ def _standardise(df: pd.DataFrame, path, default_name: str | None, fmt: str) -> 
     n = len(df)
     if cols["micrograph"] is not None:
         raw = df[cols["micrograph"]].astype(str)
-        names = raw.map({v: micrograph_name(v.strip()) for v in raw.unique()}).tolist()
+        names = raw.map({v: micrograph_name(v.strip()) for v in raw.unique()}).tolist() if from_file else \
+            raw.tolist()
     else:
         names = [default_name] * n
     x = _numeric(df[cols["x"]], cols["x"], path, allow_nan=False)
@@ -171,7 +187,7 @@ def as_pick_table(table, path=None) -> pd.DataFrame:
     """
     if not isinstance(table, pd.DataFrame):
         raise CoordinateError(f"{path or 'pick table'}: expected a pandas DataFrame, got {type(table).__name__}")
-    return _standardise(table.reset_index(drop=True), path or "pick table", None, "csv")
+    return _standardise(table.reset_index(drop=True), path or "pick table", None, "csv", from_file=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,30 +200,44 @@ def _is_blank(path: Path) -> bool:
         return not fh.read(4096).strip() and path.stat().st_size < 4096
 
 
-def _read_star(path: Path) -> pd.DataFrame:
-    import starfile
-
+def _read_text(path: Path, fmt: str) -> str:
+    """The whole file as text, read once (no cache: what is on disk now)."""
     try:
-        blocks = starfile.read(path, always_dict=True, parse_as_string=["rlnMicrographName"])
-    except Exception as exc:  # starfile raises assorted errors on malformed files
-        raise CoordinateError(f"{path}: not a readable STAR file ({type(exc).__name__}: {exc})") from exc
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CoordinateError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CoordinateError(f"{path}: not a text file (byte {exc.start} is not UTF-8); need {_NEEDED[fmt]}") \
+            from None
+
+
+def _read_star(path: Path) -> pd.DataFrame:
+    from napari_pupick.io.star import parse_star
+
+    blocks = parse_star(_read_text(path, "star"), path)
     if not blocks:
         raise CoordinateError(f"{path}: no data blocks found: not a STAR file? Need {_NEEDED['star']}")
     tables, described = [], []
-    for name, block in blocks.items():
-        if isinstance(block, dict):
-            block = pd.DataFrame([block])
-        if not isinstance(block, pd.DataFrame):
+    for block in blocks:
+        if block.columns:
+            df = pd.DataFrame(block.rows, columns=block.columns, dtype=object) if block.rows else \
+                pd.DataFrame(columns=block.columns, dtype=object)
+        elif block.pairs:
+            df = pd.DataFrame([block.pairs], dtype=object)
+        else:
             continue
-        described.append(f"data_{name}: [{', '.join(map(str, block.columns)) or 'no columns'}]")
-        if _find_column(block.columns, "x") is not None and _find_column(block.columns, "y") is not None:
-            tables.append((name, block))
+        described.append(f"data_{block.name}: [{', '.join(map(str, df.columns))}]")
+        if _find_column(df.columns, "x") is not None and _find_column(df.columns, "y") is not None:
+            tables.append((block.name, df))
     if not tables:
         raise CoordinateError(
             f"{path}: no particle coordinates: found {'; '.join(described) or 'no tables'}; need {_NEEDED['star']}"
         )
-    # Several coordinate blocks without a name column: one block per micrograph, named by the block.
-    by_block = len(tables) > 1
+    # Several coordinate blocks without a name column: one block per micrograph, named by the block. Blocks that
+    # share a name (two files concatenated) are all kept, in file order.
+    by_block = len({name for name, _ in tables}) > 1
     parts = [
         _standardise(block, path, (name if by_block and name else _name_from_file(path)), "star")
         for name, block in tables
@@ -222,34 +252,47 @@ def _read_delimited(path: Path, sep: str, fmt: str) -> pd.DataFrame:
             sep = r"[\s,]+"  # space- or comma-separated despite the extension
             header = pd.read_csv(path, sep=sep, engine="python", nrows=0).columns
         name_col = _find_column(header, "micrograph")
-        # Names stay strings ("0001" is not 1); numbers parse natively (fast), blanks become NaN.
-        missing = ["", "nan", "NaN", "NA", "<NA>", "None", "null"]
-        df = pd.read_csv(path, sep=sep, engine="python" if len(sep) > 1 else "c",
-                         dtype={name_col: str} if name_col is not None else None, keep_default_na=False,
-                         na_values={c: missing for c in header if c != name_col})
+        # Everything stays text ("0001" is not 1; errors quote the value as written); _numeric converts.
+        df = pd.read_csv(path, sep=sep, engine="python" if len(sep) > 1 else "c", dtype=str, keep_default_na=False)
+        del name_col
     except pd.errors.EmptyDataError:
         return _empty_table()
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise CoordinateError(f"{path}: cannot parse as {fmt} ({exc}); need {_NEEDED[fmt]}") from exc
+    except (ValueError, AssertionError, IndexError, TypeError, OverflowError) as exc:  # pandas on odd files
+        raise CoordinateError(f"{path}: cannot parse as {fmt} ({type(exc).__name__}: {exc}); need "
+                              f"{_NEEDED[fmt]}") from exc
+    names = [str(c) for c in df.columns]
+    for c in names:  # pandas renames a repeated column "x" to "x.1"
+        base, dot, tail = c.rpartition(".")
+        if dot and tail.isdigit() and base in names:
+            raise CoordinateError(f"{path}: column {base!r} appears more than once in the header")
     return _standardise(df, path, _name_from_file(path), fmt)
 
 
 def _read_box(path: Path) -> pd.DataFrame:
     rows = []
-    try:
-        lines = path.read_text().splitlines()
-    except UnicodeDecodeError as exc:
-        raise CoordinateError(f"{path}: not a text file; need {_NEEDED['box']}") from exc
-    for i, line in enumerate(lines, 1):
-        fields = line.replace(",", " ").split()
+    for i, line in enumerate(_read_text(path, "box").splitlines(), 1):
+        fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
-        try:
-            values = [float(v) for v in fields[:5]]
-        except ValueError:
-            values = []
+        if len(fields) == 1 and "," in fields[0]:
+            fields = fields[0].split(",")  # comma-separated values
+        values = []
+        for v in fields[:5]:
+            try:
+                values.append(float(v))
+            except ValueError:
+                hint = " (a decimal comma? use a point)" if "," in v else ""
+                raise CoordinateError(f"{path}, line {i}: {v!r} is not a number{hint}; expected "
+                                      f"{_NEEDED['box']}") from None
         if len(values) < 4:
             raise CoordinateError(f"{path}, line {i}: expected {_NEEDED['box']}, found {line.strip()!r}")
+        bad = [t for v, t in zip(values[:4], fields) if not np.isfinite(v) or abs(v) > MAX_COORDINATE]
+        if bad or (len(values) > 4 and np.isinf(values[4])):
+            shown = bad[0] if bad else fields[4]
+            raise CoordinateError(f"{path}, line {i}: value {shown!r} is not a finite number within "
+                                  f"+-{MAX_COORDINATE:g} px")
         xc, yc, w, h = values[:4]
         rows.append((xc + w / 2, yc + h / 2, values[4] if len(values) > 4 else np.nan))
     if not rows:
@@ -347,23 +390,47 @@ def _temp_path(target: Path) -> Path:
 def _atomic_write(jobs: Sequence[tuple[Path, Callable[[Path], None]]]) -> list[Path]:
     """Run each ``write(tmp)`` into a temporary file, then rename every temporary file over its target.
 
-    If anything fails before the renames, every temporary file is removed and no target has changed.
+    If anything fails, every temporary file is removed and every target is as it was: existing targets are
+    hard-linked (or copied) aside before the renames and put back when a later rename fails.
     """
+    import shutil
+
     temps: list[Path] = []
+    backups: dict[Path, Path | None] = {}
+    done: list[Path] = []
     try:
         for target, write in jobs:
             tmp = _temp_path(target)
             temps.append(tmp)
             write(tmp)
+        if len(jobs) > 1:
+            for target, _ in jobs:
+                if target.exists():
+                    bak = _temp_path(target)
+                    bak.unlink()
+                    try:
+                        os.link(target, bak)
+                    except OSError:
+                        shutil.copy2(target, bak)
+                    backups[target] = bak
+                else:
+                    backups[target] = None
         for (target, _), tmp in zip(jobs, temps):
             os.replace(tmp, target)
+            done.append(target)
     except BaseException:
-        for tmp in temps:
+        for target in done:  # put the old set back
+            bak = backups.get(target)
             try:
-                tmp.unlink()
-            except FileNotFoundError:
+                os.replace(bak, target) if bak is not None else target.unlink()
+            except OSError:
                 pass
+        for tmp in temps + [b for b in backups.values() if b is not None]:
+            tmp.unlink(missing_ok=True)
         raise
+    for bak in backups.values():
+        if bak is not None:
+            bak.unlink(missing_ok=True)
     return [target for target, _ in jobs]
 
 
@@ -371,40 +438,81 @@ def _number(v: float) -> str:
     return np.format_float_positional(float(v), trim="-")
 
 
+def _protect(name: str, ext: str = ".mrc") -> str:
+    """The name as written so that reading gives it back: readers strip micrograph extensions, so a name that
+    ends in one (``x.tif``, from ``x.tif.mrc``) gets ``ext`` appended."""
+    return name if micrograph_name(name) == name else f"{name}{ext or '.mrc'}"
+
+
 def _with_extension(name: str, ext: str) -> str:
-    return name if (not ext or micrograph_name(name) != name) else f"{name}{ext}"
+    if ext and name.lower().endswith(ext.lower()) and len(name) > len(ext):
+        return name
+    return f"{name}{ext}" if ext else _protect(name)
 
 
-def _star_frame(table: pd.DataFrame, with_names: bool, micrograph_ext: str) -> pd.DataFrame:
-    df = pd.DataFrame()
-    if with_names:
-        df["rlnMicrographName"] = [_with_extension(n, micrograph_ext) for n in table["micrograph"]]
-    df["rlnCoordinateX"] = table["x"].to_numpy(float)
-    df["rlnCoordinateY"] = table["y"].to_numpy(float)
-    if table["score"].notna().any():
-        df["rlnAutopickFigureOfMerit"] = table["score"].to_numpy(float)
-    return df
+def _check_names(table: pd.DataFrame, path, fmt: str, per_micrograph: bool) -> None:
+    """Refuse micrograph names that no reader would give back (named error)."""
+    for name in pd.unique(table["micrograph"]):
+        problem = None
+        if not name:
+            problem = "is empty"
+        elif name != name.strip():
+            problem = "starts or ends with whitespace (readers strip it)"
+        elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+            problem = "holds a control character (tab, line break...)"
+        elif per_micrograph and (name.startswith(".") or "/" in name or "\\" in name or "\0" in name):
+            problem = "cannot be used as a file name (hidden, or holds a path separator)"
+        elif per_micrograph and any(name.endswith(s) for s in PER_MICROGRAPH_SUFFIXES):
+            problem = f"ends in a suffix ({', '.join(PER_MICROGRAPH_SUFFIXES)}) that readers strip from file names"
+        elif fmt == "star" and not per_micrograph:
+            from napari_pupick.io.star import format_value
+
+            format_value(name, f"{path}: micrograph name")
+        if problem:
+            raise CoordinateError(f"{path}: micrograph name {name!r} {problem}; rename it before writing {fmt}")
+
+
+def _star_text(table: pd.DataFrame, with_names: bool, micrograph_ext: str) -> str:
+    from napari_pupick.io.star import format_value, write_star_text
+
+    columns = (["rlnMicrographName"] if with_names else []) + ["rlnCoordinateX", "rlnCoordinateY"]
+    has_score = bool(table["score"].notna().any())
+    if has_score:
+        columns.append("rlnAutopickFigureOfMerit")
+    names = [format_value(_with_extension(n, micrograph_ext)) for n in table["micrograph"]] if with_names else None
+    rows = []
+    for i, (x, y, s) in enumerate(zip(table["x"], table["y"], table["score"])):
+        row = [names[i]] if with_names else []
+        row += [f"{x:.6f}", f"{y:.6f}"]
+        if has_score:
+            row.append(f"{s:.6f}" if np.isfinite(s) else "nan")
+        rows.append(row)
+    return write_star_text(columns, rows)
+
+
+def _write_text(tmp: Path, text: str) -> None:
+    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(text)
 
 
 def _writer(table: pd.DataFrame, fmt: str, *, with_names: bool, box_size, micrograph_ext: str):
     """A function writing ``table`` in ``fmt`` to the path it is given."""
     has_score = bool(table["score"].notna().any())
     if fmt == "star":
-        df = _star_frame(table, with_names, micrograph_ext)
+        text = _star_text(table, with_names, micrograph_ext)
 
         def write(tmp):
-            import starfile
-
-            starfile.write(df, tmp, float_format="%.6f", na_rep="nan")
+            _write_text(tmp, text)
 
     elif fmt == "csv":
-        df = table.loc[:, list(COLUMNS)]
+        df = table.loc[:, list(COLUMNS)].assign(micrograph=[_protect(n) for n in table["micrograph"]])
 
         def write(tmp):
             df.to_csv(tmp, index=False)
 
     elif fmt == "topaz":
-        df = pd.DataFrame({"image_name": table["micrograph"], "x_coord": table["x"], "y_coord": table["y"]})
+        df = pd.DataFrame({"image_name": [_protect(n) for n in table["micrograph"]], "x_coord": table["x"],
+                           "y_coord": table["y"]})
         if has_score:
             df["score"] = table["score"]
 
@@ -422,8 +530,7 @@ def _writer(table: pd.DataFrame, fmt: str, *, with_names: bool, box_size, microg
         text = "".join(lines)
 
         def write(tmp):
-            with open(tmp, "w") as fh:
-                fh.write(text)
+            _write_text(tmp, text)
 
     return write
 
@@ -499,16 +606,22 @@ def write_coordinates(
             )
         if not np.isfinite(box_size) or box_size <= 0:
             raise CoordinateError(f"{path}: box_size must be a positive number of pixels, got {box_size!r}")
-    if not np.isfinite(table[["x", "y"]].to_numpy()).all():
-        raise CoordinateError(f"{path}: the pick table has NaN or infinite coordinates")
+    xy = table[["x", "y"]].to_numpy(float)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(xy).all(axis=1) | (np.abs(xy) > MAX_COORDINATE).any(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CoordinateError(f"{path}: {int(bad.sum())} pick(s) have coordinates that are not finite numbers within "
+                              f"+-{MAX_COORDINATE:g} px (first: row {i + 1}, x={xy[i, 0]!r}, y={xy[i, 1]!r})")
+    if np.isinf(table["score"].to_numpy(float)).any():
+        raise CoordinateError(f"{path}: the pick table has infinite scores")
+    _check_names(table, path, fmt, per_micrograph)
     ext = FORMATS[fmt][0]
     if per_micrograph:
         if path.exists() and not path.is_dir():
             raise CoordinateError(f"{path}: is a file; per_micrograph=True writes into a folder")
         jobs = []
         for name, group in table.groupby("micrograph", sort=False):
-            if not name or "/" in name or "\\" in name or name in (".", ".."):
-                raise CoordinateError(f"{path}: micrograph name {name!r} cannot be used as a file name")
             writer = _writer(group, fmt, with_names=False, box_size=box_size, micrograph_ext=micrograph_ext)
             jobs.append((path / f"{name}{suffix}{ext}", writer))
         path.mkdir(parents=True, exist_ok=True)
