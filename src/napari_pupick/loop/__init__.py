@@ -38,12 +38,13 @@ from __future__ import annotations
 from napari_pupick.loop.corrections import CorrectionsMixin
 from napari_pupick.loop.jobs import JobsMixin
 from napari_pupick.loop.layers import NEGATIVES, PICKS, POSITIVES, SCORES, LayersMixin
+from napari_pupick.loop.review import ReviewMixin
 from napari_pupick.loop.session import DEFAULT_THRESHOLD, NMS_THRESHOLD, LoopEvent, Session
 
 __all__ = ["DEFAULT_THRESHOLD", "NMS_THRESHOLD", "NEGATIVES", "PICKS", "POSITIVES", "SCORES", "LoopEvent", "PickLoop"]
 
 
-class PickLoop(CorrectionsMixin, JobsMixin, LayersMixin, Session):
+class PickLoop(ReviewMixin, CorrectionsMixin, JobsMixin, LayersMixin, Session):
     """One picking session on a napari viewer (see the module docstring).
 
     Parameters

@@ -74,6 +74,7 @@ class Session:
         self.nms_radius: float | None = None
         self.margin: float | None = None  # None: the model's margin (one particle radius before a model)
         self.device = "auto"
+        self.reviewed: set[str] = set()  # micrographs marked reviewed (exports can keep only these)
         self.history: list = []  # TrainEvents of the current/last training run
         self._trainer = None
         self._quiet = 0
@@ -170,13 +171,16 @@ class Session:
         names = list((layer.metadata or {}).get("micrograph_names") or [])
         if len(names) != n:
             names = [layer.name] if n == 1 else [f"{layer.name}_{i:0{len(str(n - 1))}d}" for i in range(n)]
-        if self.micrograph_layer is not layer:
+        new = self.micrograph_layer is not layer
+        if new:
             self.prepared, self.scores, self.preprocessor, self.mixture = {}, {}, None, None
         self.micrograph_layer = layer
         self.names = [str(x) for x in names]
         radius = (layer.metadata or {}).get("radius")
         if radius:
             self.radius = float(radius)
+        if new and hasattr(self, "set_plane"):
+            self.set_plane(0)  # a stack opens on its first micrograph (napari shows the middle one)
         self._emit("micrographs")
 
     def _require_micrographs(self):
@@ -332,7 +336,8 @@ class Session:
         counts = self.picks_table()["micrograph"].value_counts()
         return pd.Series([int(counts.get(n, 0)) for n in self.names], index=self.names, name="picks")
 
-    def export(self, path, format: str | None = None, per_micrograph: bool = False, suffix: str = ""):
+    def export(self, path, format: str | None = None, per_micrograph: bool = False, suffix: str = "",
+               reviewed_only: bool = False):
         """Write the picks at or above the threshold (original pixels) through the plugin's writers.
 
         Parameters
@@ -345,6 +350,8 @@ class Session:
             One file per micrograph (RELION's coordinate import).
         suffix : str
             Per-micrograph file name suffix, e.g. ``"_autopick"``.
+        reviewed_only : bool
+            Leave out the micrographs not marked reviewed (:meth:`set_reviewed`).
 
         Returns
         -------
@@ -358,6 +365,10 @@ class Session:
         layer = self.picks_layer
         score = layer.features["score"].to_numpy(float)
         mask = score >= self.threshold  # the shown picks: never the candidates below the threshold
+        if reviewed_only:
+            keep = np.array([n in self.reviewed for n in self.names], bool)
+            plane = np.rint(np.asarray(layer.data)[:, 0]).astype(int) if self.stacked else np.zeros(len(mask), int)
+            mask &= keep[plane]
         # The picks layer holds original micrograph pixels (metadata downsample = 1): the writers need no scaling.
         meta = {"name": layer.name, "metadata": self._points_meta(),
                 "features": layer.features[mask].reset_index(drop=True)}
