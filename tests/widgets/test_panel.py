@@ -65,25 +65,28 @@ def test_label_next_ranks_uncertain_and_unlabelled_first(sample_viewer):
     loop.set_micrographs("synthetic micrographs")
     loop.threshold = 0.0
     rng = np.random.default_rng(0)
-    # plane 3: scores near the threshold; planes 0-2: clear cut (far above or far below)
+    positives, _ = loop.labels()
+    counts = positives["micrograph"].value_counts().reindex(loop.names, fill_value=0).to_numpy()
+    target, labelled = int(np.argmin(counts)), int(np.argmax(counts))
+    assert counts[target] < counts[labelled]
+    # the least and the most labelled micrographs both score near the threshold; the others are clear cut
     rows, scores = [], []
     for plane in range(4):
-        s = rng.uniform(-0.5, 0.5, 40) if plane == 3 else np.r_[rng.uniform(3, 5, 20), rng.uniform(-6, -4, 20)]
+        near = plane in (target, labelled)
+        s = rng.uniform(-0.5, 0.5, 40) if near else np.r_[rng.uniform(3, 5, 20), rng.uniform(-6, -4, 20)]
         rows.append(np.column_stack([np.full(40, plane), rng.uniform(20, 490, (40, 2))]))
         scores.append(s)
     loop._replace_picks(np.concatenate(rows), np.concatenate(scores))
     loop.scores = {p: np.zeros((4, 4)) for p in range(4)}
-    # plane 2 is uncertain too but well labelled: plane 3 has none (the sample labels planes 0 and 1)
-    positives, _ = loop.labels()
-    assert (positives["micrograph"] == "synth_3").sum() == 0
     summary = loop.micrograph_table()
-    assert summary.loc[3, "uncertainty"] == 1.0 and summary.loc[0, "uncertainty"] < 0.1
+    assert summary.loc[target, "uncertainty"] == 1.0
+    assert summary.drop(index=[target, labelled])["uncertainty"].max() < 0.1
     order = loop.label_next()
-    assert order[0] == "synth_3"
-    loop.set_reviewed("synth_3")
-    assert loop.label_next()[0] != "synth_3" and "synth_3" not in loop.label_next()
-    # the panel's button goes there
-    loop.set_reviewed("synth_3", False)
+    name = loop.names[target]
+    assert order[:2] == [name, loop.names[labelled]]  # fewest labels first among the uncertain
+    loop.set_reviewed(name)
+    assert name not in loop.label_next()
+    loop.set_reviewed(name, False)
     panel = dock(sample_viewer, "Picking panel")
-    assert panel.micrographs.go_next() == "synth_3" and loop.current_plane() == 3
+    assert panel.micrographs.go_next() == name and loop.current_plane() == target
     assert isinstance(summary, pd.DataFrame)
