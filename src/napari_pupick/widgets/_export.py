@@ -25,9 +25,10 @@ class ExportWidget(PupickWidget):
                                tooltip="Per-micrograph files are <micrograph><suffix>.star; RELION's AutoPick "
                                        "naming uses _autopick")
         self.suffix.visible = False
+        self.reviewed_only = CheckBox(text="only micrographs marked reviewed", value=False)
         self.path = FileEdit(label="save to", mode="w", value=str(Path.cwd() / "picks.star"))
         self.export_button = PushButton(text="Export picks")
-        self.form = Container(widgets=[self.format, self.per_micrograph, self.suffix, self.path,
+        self.form = Container(widgets=[self.format, self.per_micrograph, self.suffix, self.reviewed_only, self.path,
                                        self.export_button], labels=True)
         self.form.margins = (0, 0, 0, 0)
         self.body.addWidget(heading("Export"))
@@ -68,11 +69,13 @@ class ExportWidget(PupickWidget):
         """Export now (to ``path``, default the one in the widget); returns the written path(s)."""
         path = Path(str(path if path is not None else self.path.value))
         fmt, per = self.format.value, bool(self.per_micrograph.value)
-        written = self.report(lambda: self.loop.export(path, fmt, per_micrograph=per, suffix=self.suffix.value),
-                              "Export")
+        reviewed = bool(self.reviewed_only.value)
+        written = self.report(lambda: self.loop.export(path, fmt, per_micrograph=per, suffix=self.suffix.value,
+                                                       reviewed_only=reviewed), "Export")
         if written is not None:
             n = len(written) if isinstance(written, list) else 1
-            count = len(self.loop.picks_table())
+            table = self.loop.picks_table()
+            count = int(table["micrograph"].isin(self.loop.reviewed).sum()) if reviewed else len(table)
             self.status.setText(f"wrote {count} picks to {path}" + (f" ({n} files)" if per else ""))
             from napari.utils.notifications import show_info
 

@@ -126,7 +126,8 @@ class PredictWidget(PupickWidget):
     def _model_changed(self, loop) -> None:
         t = loop.suggested_threshold
         self.suggest_button.enabled = t is not None
-        self.suggest_button.text = "Use the model's threshold" if t is None else f"Use the model's threshold ({t:.2f})"
+        self.suggest_button.text = ("Use the model's threshold" if t is None
+                                    else f"Use the model's threshold ({t:.2f})")
         self.suggest_button.tooltip = ("The threshold training calibrated from the held-out labels"
                                        if t is not None else "Known after training")
         if loop.margin is None:

@@ -112,8 +112,9 @@ class PreprocessWidget(PupickWidget):
         if b.warning:
             text += f"<br><span style='color:#ffb050'>{b.warning}</span>"
         self.binning_info.setText(text)
-        self.particle_info.setText(f"radius {b.radius:g} px = {b.radius * px:.0f} A (diameter {2 * b.radius * px:.0f} A)"
-                                   if px else "pixel size unknown (not in the file header): sizes in pixels")
+        self.particle_info.setText(f"radius {b.radius:g} px = {b.radius * px:.0f} A (diameter "
+                                   f"{2 * b.radius * px:.0f} A)" if px else
+                                   "pixel size unknown (not in the file header): sizes in pixels")
 
     def busy_widgets(self) -> list:
         return [self.run_button, self.layer, self.downsample, self.method]

@@ -1,0 +1,92 @@
+"""The one-panel viewer: it fits the screen, the micrograph table counts right and moves the viewer, reviewed
+micrographs filter exports, and "label next" ranks by uncertainty and fewest labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import starfile
+from qtpy.QtCore import Qt
+from widget_helpers import dock
+
+
+def test_panel_fits_the_screen(sample_viewer, qtbot):
+    panel = dock(sample_viewer, "Picking panel")
+    assert type(panel).__name__ == "PupickPanel" and panel.tabs.count() == 4
+    window = sample_viewer.window._qt_window
+    hint = window.minimumSizeHint()
+    assert hint.width() <= 1366 and hint.height() <= 768, hint  # 1366 x 768 workable, 1920 x 1080 too
+    window.resize(1920, 1080)
+    window.show()
+    qtbot.waitUntil(lambda: panel.isVisible(), timeout=5000)
+    # the plots keep their height (the tabs scroll instead of squeezing them)
+    assert panel.predict.plot.height() == panel.predict.plot.minimumHeight()
+    # the stack opens on the first micrograph and its name is shown
+    assert panel.loop.current_plane() == 0 and "synth_0" in panel.micrographs.current.text()
+
+
+def test_micrograph_table(picked, qtbot, tmp_path):
+    viewer, loop = picked
+    panel = dock(viewer, "Picking panel")
+    table = panel.micrographs
+    table.refresh()
+    t = table.table
+    assert t.rowCount() == loop.n_planes
+    positives, _ = loop.labels()
+    per = loop.picks_per_micrograph()
+    for name in loop.names:
+        r = table.row_of(name)
+        assert int(t.item(r, 1).text()) == int((positives["micrograph"] == name).sum())
+        assert int(t.item(r, 3).text()) == per[name]
+    # sortable by picks
+    t.sortItems(3, Qt.SortOrder.DescendingOrder)
+    col = [int(t.item(r, 3).text()) for r in range(t.rowCount())]
+    assert col == sorted(col, reverse=True)
+    # a click on a row shows that micrograph
+    r = table.row_of("synth_2")
+    qtbot.mouseClick(t.viewport(), Qt.MouseButton.LeftButton, pos=t.visualItemRect(t.item(r, 0)).center())
+    assert loop.current_plane() == 2 and "synth_2" in table.current.text()
+    # the reviewed checkbox; exports can keep only the reviewed micrographs
+    t.item(table.row_of("synth_1"), 5).setCheckState(Qt.CheckState.Checked)
+    assert loop.reviewed == {"synth_1"}
+    out = loop.export(tmp_path / "reviewed.star", reviewed_only=True)
+    written = starfile.read(out)
+    assert len(written) == per["synth_1"] and set(written["rlnMicrographName"]) == {"synth_1.mrc"}
+    # picks counts follow the threshold
+    loop.set_threshold(float(np.max(loop.all_scores())) + 1)
+    table.refresh()
+    assert all(t.item(r, 3).text() == "0" for r in range(t.rowCount()))
+
+
+def test_label_next_ranks_uncertain_and_unlabelled_first(sample_viewer):
+    from napari_pupick.loop import PickLoop
+
+    loop = PickLoop.for_viewer(sample_viewer)
+    loop.set_micrographs("synthetic micrographs")
+    loop.threshold = 0.0
+    rng = np.random.default_rng(0)
+    positives, _ = loop.labels()
+    counts = positives["micrograph"].value_counts().reindex(loop.names, fill_value=0).to_numpy()
+    target, labelled = int(np.argmin(counts)), int(np.argmax(counts))
+    assert counts[target] < counts[labelled]
+    # the least and the most labelled micrographs both score near the threshold; the others are clear cut
+    rows, scores = [], []
+    for plane in range(4):
+        near = plane in (target, labelled)
+        s = rng.uniform(-0.5, 0.5, 40) if near else np.r_[rng.uniform(3, 5, 20), rng.uniform(-6, -4, 20)]
+        rows.append(np.column_stack([np.full(40, plane), rng.uniform(20, 490, (40, 2))]))
+        scores.append(s)
+    loop._replace_picks(np.concatenate(rows), np.concatenate(scores))
+    loop.scores = {p: np.zeros((4, 4)) for p in range(4)}
+    summary = loop.micrograph_table()
+    assert summary.loc[target, "uncertainty"] == 1.0
+    assert summary.drop(index=[target, labelled])["uncertainty"].max() < 0.1
+    order = loop.label_next()
+    name = loop.names[target]
+    assert order[:2] == [name, loop.names[labelled]]  # fewest labels first among the uncertain
+    loop.set_reviewed(name)
+    assert name not in loop.label_next()
+    loop.set_reviewed(name, False)
+    panel = dock(sample_viewer, "Picking panel")
+    assert panel.micrographs.go_next() == name and loop.current_plane() == target
+    assert isinstance(summary, pd.DataFrame)
