@@ -393,7 +393,8 @@ def write_combined(items: Sequence[BatchItem], path, *, micrograph_ext: str = ".
     per-micrograph file is read, appended to a temporary file and dropped, then the temporary file is renamed
     over ``path``. Formats: star, csv, topaz (from the extension of ``path``)."""
     from napari_pupick.io import guess_format, read_coordinates
-    from napari_pupick.io.coords import _star_frame
+    from napari_pupick.io.coords import _star_columns, _star_rows
+    from napari_pupick.io.star import star_header
 
     path = Path(path)
     fmt = guess_format(path)
@@ -405,18 +406,15 @@ def write_combined(items: Sequence[BatchItem], path, *, micrograph_ext: str = ".
     try:
         with open(tmp, "w") as fh:
             if fmt == "star":
-                fh.write("\n# version 30001\n\ndata_\n\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n"
-                         "_rlnCoordinateY #3\n_rlnAutopickFigureOfMerit #4\n")
+                fh.write(star_header(_star_columns(True, True)))
             first = True
             for item in items:
                 if not (item.target.is_file() and item.sidecar.is_file()):
                     continue
                 table = read_coordinates(item.target, format=fmt_items).assign(micrograph=item.name)
                 if fmt == "star":
-                    frame = _star_frame(table.assign(score=table["score"].astype(float)), True, micrograph_ext)
-                    if "rlnAutopickFigureOfMerit" not in frame:
-                        frame["rlnAutopickFigureOfMerit"] = float("nan")
-                    frame.to_csv(fh, sep="\t", header=False, index=False, float_format="%.6f", na_rep="nan")
+                    rows = _star_rows(table.assign(score=table["score"].astype(float)), True, micrograph_ext, True)
+                    fh.write("".join("\t".join(r) + "\n" for r in rows))
                 elif fmt == "csv":
                     table.to_csv(fh, header=first, index=False)
                 else:

@@ -472,13 +472,15 @@ def _check_names(table: pd.DataFrame, path, fmt: str, per_micrograph: bool) -> N
             raise CoordinateError(f"{path}: micrograph name {name!r} {problem}; rename it before writing {fmt}")
 
 
-def _star_text(table: pd.DataFrame, with_names: bool, micrograph_ext: str) -> str:
-    from napari_pupick.io.star import format_value, write_star_text
+def _star_columns(with_names: bool, has_score: bool) -> list[str]:
+    return ((["rlnMicrographName"] if with_names else []) + ["rlnCoordinateX", "rlnCoordinateY"]
+            + (["rlnAutopickFigureOfMerit"] if has_score else []))
 
-    columns = (["rlnMicrographName"] if with_names else []) + ["rlnCoordinateX", "rlnCoordinateY"]
-    has_score = bool(table["score"].notna().any())
-    if has_score:
-        columns.append("rlnAutopickFigureOfMerit")
+
+def _star_rows(table: pd.DataFrame, with_names: bool, micrograph_ext: str, has_score: bool) -> list[list[str]]:
+    """The loop rows of ``table`` as STAR tokens (the columns of :func:`_star_columns`)."""
+    from napari_pupick.io.star import format_value
+
     names = [format_value(_with_extension(n, micrograph_ext)) for n in table["micrograph"]] if with_names else None
     rows = []
     for i, (x, y, s) in enumerate(zip(table["x"], table["y"], table["score"])):
@@ -487,7 +489,15 @@ def _star_text(table: pd.DataFrame, with_names: bool, micrograph_ext: str) -> st
         if has_score:
             row.append(f"{s:.6f}" if np.isfinite(s) else "nan")
         rows.append(row)
-    return write_star_text(columns, rows)
+    return rows
+
+
+def _star_text(table: pd.DataFrame, with_names: bool, micrograph_ext: str) -> str:
+    from napari_pupick.io.star import write_star_text
+
+    has_score = bool(table["score"].notna().any())
+    return write_star_text(_star_columns(with_names, has_score),
+                           _star_rows(table, with_names, micrograph_ext, has_score))
 
 
 def _write_text(tmp: Path, text: str) -> None:

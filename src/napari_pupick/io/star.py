@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from napari_pupick.errors import CoordinateError
 
-__all__ = ["StarBlock", "format_value", "parse_star", "tokenize"]
+__all__ = ["StarBlock", "format_value", "parse_star", "star_header", "tokenize", "write_star_text"]
 
 _RESERVED = ("data_", "loop_", "save_", "global_", "stop_")
 
@@ -141,9 +141,14 @@ def format_value(value: str, what: str = "value") -> str:
     raise CoordinateError(f"{what} {text!r} holds both kinds of quote before whitespace: a STAR file cannot store it")
 
 
-def write_star_text(columns: list[str], rows, block: str = "") -> str:
-    """A STAR file with one loop block: ``columns`` (tag names without ``_``) and ``rows`` of formatted tokens."""
+def star_header(columns: list[str], block: str = "") -> str:
+    """The start of a STAR file with one loop block of ``columns`` (tag names without ``_``); rows follow, one
+    line each of tab-separated formatted tokens."""
     lines = ["# written by napari-pupick", "", f"data_{block}", "", "loop_"]
     lines += [f"_{c} #{i}" for i, c in enumerate(columns, 1)]
-    lines += ["\t".join(r) for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def write_star_text(columns: list[str], rows, block: str = "") -> str:
+    """A STAR file with one loop block: ``columns`` (tag names without ``_``) and ``rows`` of formatted tokens."""
+    return star_header(columns, block) + "".join("\t".join(r) + "\n" for r in rows)

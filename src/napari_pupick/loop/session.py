@@ -147,13 +147,11 @@ class Session:
 
     def effective_margin(self) -> float:
         """The edge margin in original pixels: set by hand, else the model's, else one particle radius."""
+        from napari_pupick.calibration import model_margin
+
         if self.margin is not None:
             return float(self.margin)
-        if self.checkpoint is not None:
-            m = (self.checkpoint.metrics or {}).get("margin")
-            if m is not None and np.isfinite(float(m)):
-                return float(m)
-        return float(self.radius)
+        return model_margin(self.checkpoint.metrics if self.checkpoint is not None else None, self.radius)
 
     @property
     def factor(self) -> int:
