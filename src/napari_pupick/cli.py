@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-pupick {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    mic_help = "micrograph files (.mrc, .mrcs, .tif) or folders of them"
+    mic_help = "micrograph files (.mrc, .mrcs, .tif, .png, .jpg) or folders of them"
 
     p = sub.add_parser("normalize", help="downsample and normalize micrographs (writes MRC files)",
                        description="Downsample (Fourier cropping) and normalize micrographs; writes one MRC per "
