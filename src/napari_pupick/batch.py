@@ -194,11 +194,11 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 def _write_item(item: BatchItem, table: pd.DataFrame, settings: BatchSettings) -> None:
     """The micrograph's coordinate file (atomic, by the io writers), then its sidecar (atomic)."""
-    from napari_pupick.io import write_coordinates
+    from napari_pupick.io.coords import write_micrograph_coordinates
 
     item.target.parent.mkdir(parents=True, exist_ok=True)
     table = table.assign(micrograph=item.name)
-    write_coordinates(table, item.target, format=settings.format, box_size=settings.box_size)
+    write_micrograph_coordinates(table, item.target, format=settings.format, box_size=settings.box_size)
     _write_json_atomic(item.sidecar, {"settings": settings.key(), "micrograph": _micrograph_stamp(item.path),
                                       "bytes": item.target.stat().st_size, "n_picks": int(len(table)),
                                       "source": str(item.path)})
@@ -303,7 +303,7 @@ def run_batch(model, paths: Sequence, folder, *, combined=None, format: str = "s
               device: str = "auto", threads: int | None = 1, client=None, retries: int = 2,
               window: int | None = None, progress: bool = False, targets: Sequence | None = None,
               names: Sequence | None = None, on_result: Callable | None = None,
-              micrograph_ext: str = ".mrc") -> BatchResult:
+              micrograph_ext: str | None = None) -> BatchResult:
     """Pick every micrograph in ``paths`` with ``model``, writing one file per micrograph into ``folder``.
 
     Parameters
@@ -322,6 +322,7 @@ def run_batch(model, paths: Sequence, folder, *, combined=None, format: str = "s
     window : tasks in flight at most (default: 4 per worker thread).
     targets, names : explicit per-micrograph output files and micrograph names (RELION's layout).
     on_result : called as ``on_result(item, result)`` after each micrograph (progress hooks, tests).
+    micrograph_ext : extension of the names in a combined STAR file (None: each micrograph file's own).
 
     Returns
     -------
@@ -387,14 +388,15 @@ def run_batch(model, paths: Sequence, folder, *, combined=None, format: str = "s
     return result
 
 
-def write_combined(items: Sequence[BatchItem], path, *, micrograph_ext: str = ".mrc",
+def write_combined(items: Sequence[BatchItem], path, *, micrograph_ext: str | None = None,
                    fmt_items: str = "star") -> Path:
     """One coordinate file for every complete micrograph of ``items``, in their order, streamed: each
     per-micrograph file is read, appended to a temporary file and dropped, then the temporary file is renamed
-    over ``path``. Formats: star, csv, topaz (from the extension of ``path``)."""
+    over ``path``. Formats: star, csv, topaz (from the extension of ``path``); the text of each part is what
+    :func:`napari_pupick.io.write_coordinates` writes for it (names protected the same way). ``micrograph_ext``:
+    the extension of STAR ``rlnMicrographName`` values; None (default): each micrograph file's own."""
     from napari_pupick.io import guess_format, read_coordinates
-    from napari_pupick.io.coords import _star_columns, _star_rows
-    from napari_pupick.io.star import star_header
+    from napari_pupick.io.coords import _empty_table, format_coordinates
 
     path = Path(path)
     fmt = guess_format(path)
@@ -404,26 +406,17 @@ def write_combined(items: Sequence[BatchItem], path, *, micrograph_ext: str = ".
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as fh:
-            if fmt == "star":
-                fh.write(star_header(_star_columns(True, True)))
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
             first = True
             for item in items:
                 if not (item.target.is_file() and item.sidecar.is_file()):
                     continue
                 table = read_coordinates(item.target, format=fmt_items).assign(micrograph=item.name)
-                if fmt == "star":
-                    rows = _star_rows(table.assign(score=table["score"].astype(float)), True, micrograph_ext, True)
-                    fh.write("".join("\t".join(r) + "\n" for r in rows))
-                elif fmt == "csv":
-                    table.to_csv(fh, header=first, index=False)
-                else:
-                    table.rename(columns={"micrograph": "image_name", "x": "x_coord", "y": "y_coord"}).to_csv(
-                        fh, sep="\t", header=first, index=False)
+                ext = Path(item.path).suffix if micrograph_ext is None else micrograph_ext
+                fh.write(format_coordinates(table, fmt, header=first, has_score=True, micrograph_ext=ext))
                 first = False
-            if first and fmt != "star":
-                cols = "micrograph,x,y,score" if fmt == "csv" else "image_name\tx_coord\ty_coord\tscore"
-                fh.write(cols + "\n")
+            if first:
+                fh.write(format_coordinates(_empty_table(), fmt, has_score=True))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

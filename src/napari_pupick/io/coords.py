@@ -52,8 +52,10 @@ __all__ = [
     "guess_format",
     "match_micrographs",
     "read_coordinates",
+    "format_coordinates",
     "validate_in_bounds",
     "write_coordinates",
+    "write_micrograph_coordinates",
 ]
 
 #: The pick table's columns, in order.
@@ -492,12 +494,39 @@ def _star_rows(table: pd.DataFrame, with_names: bool, micrograph_ext: str, has_s
     return rows
 
 
-def _star_text(table: pd.DataFrame, with_names: bool, micrograph_ext: str) -> str:
-    from napari_pupick.io.star import write_star_text
+def format_coordinates(table: pd.DataFrame, fmt: str, *, with_names: bool = True, header: bool = True,
+                       has_score: bool | None = None, box_size: float | None = None,
+                       micrograph_ext: str = ".mrc") -> str:
+    """The text of ``table`` in ``fmt``, as the writers write it (names protected so readers give them back).
 
-    has_score = bool(table["score"].notna().any())
-    return write_star_text(_star_columns(with_names, has_score),
-                           _star_rows(table, with_names, micrograph_ext, has_score))
+    ``with_names=False`` leaves out the STAR name column (a per-micrograph file); ``header=False`` gives the
+    rows only (to append to a file streamed in parts); ``has_score`` None: a score column when any score is
+    known. The table must be a checked pick table (:func:`as_pick_table`)."""
+    if has_score is None:
+        has_score = bool(table["score"].notna().any())
+    if fmt == "star":
+        from napari_pupick.io.star import star_header, write_star_text
+
+        columns, rows = _star_columns(with_names, has_score), _star_rows(table, with_names, micrograph_ext, has_score)
+        return write_star_text(columns, rows) if header else write_star_text(columns, rows)[len(star_header(columns)):]
+    if fmt in ("csv", "topaz"):
+        names = [_protect(n) for n in table["micrograph"]]
+        if fmt == "csv":
+            df = pd.DataFrame({"micrograph": names, "x": table["x"].to_numpy(), "y": table["y"].to_numpy()})
+        else:
+            df = pd.DataFrame({"image_name": names, "x_coord": table["x"].to_numpy(),
+                               "y_coord": table["y"].to_numpy()})
+        if has_score:
+            df["score"] = table["score"].to_numpy()
+        return df.to_csv(None, sep="," if fmt == "csv" else "\t", index=False, header=header, lineterminator="\n")
+    size = float(box_size)  # box
+    lines = []
+    for x, y, s in zip(table["x"], table["y"], table["score"]):
+        fields = [_number(x - size / 2), _number(y - size / 2), _number(size), _number(size)]
+        if has_score:
+            fields.append(_number(s) if np.isfinite(s) else "nan")
+        lines.append("\t".join(fields) + "\n")
+    return "".join(lines)
 
 
 def _write_text(tmp: Path, text: str) -> None:
@@ -507,42 +536,52 @@ def _write_text(tmp: Path, text: str) -> None:
 
 def _writer(table: pd.DataFrame, fmt: str, *, with_names: bool, box_size, micrograph_ext: str):
     """A function writing ``table`` in ``fmt`` to the path it is given."""
-    has_score = bool(table["score"].notna().any())
-    if fmt == "star":
-        text = _star_text(table, with_names, micrograph_ext)
+    text = format_coordinates(table, fmt, with_names=with_names, box_size=box_size, micrograph_ext=micrograph_ext)
 
-        def write(tmp):
-            _write_text(tmp, text)
-
-    elif fmt == "csv":
-        df = table.loc[:, list(COLUMNS)].assign(micrograph=[_protect(n) for n in table["micrograph"]])
-
-        def write(tmp):
-            df.to_csv(tmp, index=False)
-
-    elif fmt == "topaz":
-        df = pd.DataFrame({"image_name": [_protect(n) for n in table["micrograph"]], "x_coord": table["x"],
-                           "y_coord": table["y"]})
-        if has_score:
-            df["score"] = table["score"]
-
-        def write(tmp):
-            df.to_csv(tmp, sep="\t", index=False)
-
-    else:  # box
-        size = float(box_size)
-        lines = []
-        for x, y, s in zip(table["x"], table["y"], table["score"]):
-            fields = [_number(x - size / 2), _number(y - size / 2), _number(size), _number(size)]
-            if has_score:
-                fields.append(_number(s) if np.isfinite(s) else "nan")
-            lines.append("\t".join(fields) + "\n")
-        text = "".join(lines)
-
-        def write(tmp):
-            _write_text(tmp, text)
+    def write(tmp):
+        _write_text(tmp, text)
 
     return write
+
+
+def _checked(table, path: Path, fmt: str, box_size, per_micrograph: bool) -> pd.DataFrame:
+    """The pick table, checked for writing in ``fmt`` (named CoordinateError otherwise)."""
+    table = as_pick_table(table, path)
+    if fmt == "box":
+        if box_size is None:
+            raise CoordinateError(
+                f"{path}: EMAN .box files need a box size: pass box_size (pixels, e.g. twice the particle radius)"
+            )
+        if not np.isfinite(box_size) or box_size <= 0:
+            raise CoordinateError(f"{path}: box_size must be a positive number of pixels, got {box_size!r}")
+    xy = table[["x", "y"]].to_numpy(float)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(xy).all(axis=1) | (np.abs(xy) > MAX_COORDINATE).any(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CoordinateError(f"{path}: {int(bad.sum())} pick(s) have coordinates that are not finite numbers within "
+                              f"+-{MAX_COORDINATE:g} px (first: row {i + 1}, x={xy[i, 0]!r}, y={xy[i, 1]!r})")
+    if np.isinf(table["score"].to_numpy(float)).any():
+        raise CoordinateError(f"{path}: the pick table has infinite scores")
+    _check_names(table, path, fmt, per_micrograph)
+    return table
+
+
+def write_micrograph_coordinates(table: pd.DataFrame, path, format: str | None = None, *,
+                                 box_size: float | None = None) -> Path:
+    """Write one micrograph's picks to ``path`` (any name, e.g. RELION's ``<stem>_autopick.star``), atomically.
+
+    The file is what ``write_coordinates(per_micrograph=True)`` writes for one micrograph: STAR without the name
+    column (RELION's per-micrograph coordinate files), CSV/Topaz with the name, EMAN box; a table with no picks
+    still gives a file (the header alone). ``format`` defaults to the extension of ``path``."""
+    path = Path(path)
+    fmt = _check_format(format, path) if format else guess_format(path)
+    table = _checked(table, path, fmt, box_size, per_micrograph=False)
+    if table["micrograph"].nunique() > 1:
+        raise CoordinateError(f"{path}: the table holds {table['micrograph'].nunique()} micrographs; this writes one")
+    if not path.parent.is_dir():
+        raise CoordinateError(f"{path}: the folder {path.parent} does not exist")
+    return _atomic_write([(path, _writer(table, fmt, with_names=False, box_size=box_size, micrograph_ext=""))])[0]
 
 
 def write_coordinates(
@@ -597,7 +636,6 @@ def write_coordinates(
     formats.
     """
     path = Path(path)
-    table = as_pick_table(table, path)
     if format:
         fmt = _check_format(format, path)
     elif per_micrograph:
@@ -609,23 +647,7 @@ def write_coordinates(
         fmt = "star"
     else:
         fmt = guess_format(path)
-    if fmt == "box":
-        if box_size is None:
-            raise CoordinateError(
-                f"{path}: EMAN .box files need a box size: pass box_size (pixels, e.g. twice the particle radius)"
-            )
-        if not np.isfinite(box_size) or box_size <= 0:
-            raise CoordinateError(f"{path}: box_size must be a positive number of pixels, got {box_size!r}")
-    xy = table[["x", "y"]].to_numpy(float)
-    with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(xy).all(axis=1) | (np.abs(xy) > MAX_COORDINATE).any(axis=1)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise CoordinateError(f"{path}: {int(bad.sum())} pick(s) have coordinates that are not finite numbers within "
-                              f"+-{MAX_COORDINATE:g} px (first: row {i + 1}, x={xy[i, 0]!r}, y={xy[i, 1]!r})")
-    if np.isinf(table["score"].to_numpy(float)).any():
-        raise CoordinateError(f"{path}: the pick table has infinite scores")
-    _check_names(table, path, fmt, per_micrograph)
+    table = _checked(table, path, fmt, box_size, per_micrograph)
     ext = FORMATS[fmt][0]
     if per_micrograph:
         if path.exists() and not path.is_dir():
