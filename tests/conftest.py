@@ -48,3 +48,21 @@ def pupick_plugin():
         pm.discover()
     assert "napari-pupick" in pm
     return pm
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random conv3 (width 0.25) checkpoint for batch and RELION tests (picks meaningless but deterministic):
+    binning 2, affine normalization, particle radius 8 px, threshold far below every logit, margin 0, no TTA."""
+    import torch
+
+    from napari_pupick.models import build_model
+    from napari_pupick.training import Checkpoint
+
+    torch.manual_seed(0)
+    net = build_model("conv3", width=0.25)
+    ckpt = Checkpoint(model=net.name, model_params=dict(net.hparams),
+                      state_dict={k: v.detach().clone() for k, v in net.state_dict().items()},
+                      preprocess={"downsample": 2, "method": "affine", "gmm": None},
+                      config={"particle_radius": 4.0}, metrics={"threshold": -1e3, "margin": 0.0, "tta": False})
+    return ckpt.save(tmp_path_factory.mktemp("tiny_model") / "tiny.pt")

@@ -179,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic groups (each with its own conditions) in the pool [default: 12]")
     _add_common(p)
 
+    p = sub.add_parser("relion", help="RELION 5 External jobs: pick, train (docs/relion.md)",
+                       description="Entry points for RELION's External job type: pupick relion pick --o JOB "
+                       "--in_mics MICS.star --model M.pt; pupick relion train --o JOB --in_mics MICS.star "
+                       "--in_coords manualpick.star --radius R. See docs/relion.md.")
+    from napari_pupick.relion import add_parsers
+
+    add_parsers(p.add_subparsers(dest="relion_job", metavar="JOB", required=True))
+
     p = sub.add_parser("demo", help="run the whole loop headless on synthetic sample data",
                        description="Make synthetic micrographs, take sparse labels, train, extract, evaluate, "
                        "and write STAR files and a PNG of the picks.")
@@ -403,6 +411,11 @@ def main(argv=None) -> int:
     """Entry point of ``pupick`` and ``python -m napari_pupick``."""
     from napari_pupick.errors import PupickError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["relion"]:  # RELION's External job: exit files are written even for bad arguments
+        from napari_pupick.relion import main as relion_main
+
+        return relion_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

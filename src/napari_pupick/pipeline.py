@@ -431,6 +431,9 @@ def pick_distributed(checkpoint_path, paths, client=None, *, device="auto", tta=
     With a ``dask.distributed.Client`` the tasks run on its workers (many machines: each worker loads the
     checkpoint once from ``checkpoint_path``, which must be readable there); with ``client=None`` they run on the
     local threaded scheduler. Returns one pick table in original pixels.
+
+    Every pick is gathered in memory and nothing is written: for many micrographs use
+    :func:`napari_pupick.batch.run_batch` (each micrograph written as it finishes, resumable, failures reported).
     """
     import dask
 
