@@ -59,8 +59,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -266,18 +264,19 @@ class Checkpoint:
                 "created": str(self.created)}
 
     def save(self, path) -> Path:
-        """Write the checkpoint atomically (a temporary file in the same folder, then renamed over ``path``)."""
+        """Write the checkpoint atomically (``io.atomic``: mode from the umask; a failure leaves ``path`` as it was)."""
+        from napari_pupick.io.atomic import atomic_write
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(self.to_dict(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        if not path.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        d = self.to_dict()
+
+        def write(tmp):
+            with open(tmp, "wb") as fh:  # our own handle: closed whatever torch.save does on a failure
+                torch.save(d, fh)
+
+        return atomic_write([(path, write)])[0]
 
     @classmethod
     def load(cls, path) -> Checkpoint:
