@@ -387,17 +387,25 @@ def write_micrograph(path, image, pixel_size: float | None = None) -> Path:
     data = np.asarray(image, dtype=np.float32)
     if data.ndim != 2:
         raise MicrographError(f"{path}: expected a 2-D image to write, got shape {data.shape}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
+
+    def write(tmp):
+        mrc = mrcfile.new(tmp, overwrite=True)
+        try:
             mrc.set_data(data)
             if pixel_size:
                 mrc.voxel_size = float(pixel_size)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+            mrc.flush()
+        finally:
+            stream = getattr(mrc, "_iostream", None)
+            try:
+                mrc.close()
+            finally:  # mrcfile's close() leaves the file open when its own flush fails (a full disk)
+                if stream is not None and not stream.closed:
+                    stream.close()
+
+    from napari_pupick.io.atomic import atomic_write
+
+    return atomic_write([(path, write)])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
