@@ -162,3 +162,29 @@ def test_demo_runs_whole_loop(tmp_path):
         assert (tmp_path / "demo" / name).exists(), name
     assert any((tmp_path / "demo" / "picks_relion").glob("*.star"))
     assert result["ap"] > 0.3
+
+
+def test_normalize_reads_8_bit_png_like_the_same_mrc(data_dir, tmp_path):
+    """Picking sets shipped as 8-bit PNG: the real apoferritin crops quantized to 8 bits give the same
+    normalized micrographs from PNG files as from MRC files holding the same pixels."""
+    import mrcfile
+    from PIL import Image
+
+    from napari_pupick.io import list_micrographs, read_micrograph
+
+    png, mrc = tmp_path / "png", tmp_path / "mrc"
+    png.mkdir()
+    mrc.mkdir()
+    for path in list_micrographs(data_dir / "empiar10146_apoferritin" / "micrographs"):
+        image = read_micrograph(path).astype(float)
+        grey = np.round(255 * (image - image.min()) / np.ptp(image)).astype(np.uint8)
+        Image.fromarray(grey).save(png / f"{path.stem}.png")
+        with mrcfile.new(mrc / f"{path.stem}.mrc") as m:
+            m.set_data(grey)
+    for src in (png, mrc):
+        assert main(["normalize", str(src), "-o", str(tmp_path / f"out_{src.name}"), "--radius", "30", "-q"]) == 0
+    outs = sorted((tmp_path / "out_png").glob("*.mrc"))
+    assert len(outs) == 3
+    for out in outs:
+        with mrcfile.open(out) as a, mrcfile.open(tmp_path / "out_mrc" / out.name) as b:
+            np.testing.assert_allclose(a.data, b.data, atol=1e-5)

@@ -17,6 +17,7 @@ from napari_pupick.io import (
     write_coordinates,
 )
 from napari_pupick.io import coords as coords_module
+from napari_pupick.io import atomic as atomic_module
 
 
 @pytest.fixture
@@ -430,7 +431,7 @@ def test_per_micrograph_export_failing_at_the_second_rename_keeps_the_old_set(tm
             raise OSError("rename failed (simulated)")
         return real(src, dst)
 
-    monkeypatch.setattr(coords_module.os, "replace", fail_second)
+    monkeypatch.setattr(atomic_module.os, "replace", fail_second)
     with pytest.raises(OSError, match="rename failed"):
         write_coordinates(table, out, per_micrograph=True)
     monkeypatch.undo()

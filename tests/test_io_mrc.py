@@ -252,3 +252,60 @@ def test_write_micrograph_round_trip_and_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     np.testing.assert_array_equal(read_micrograph(path), back)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mrc"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PNG and JPEG (8-bit picking sets)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_png_micrographs_8_and_16_bit(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    grey8 = rng.integers(0, 256, (24, 36)).astype(np.uint8)
+    grey16 = rng.integers(0, 65536, (24, 36)).astype(np.uint16)
+    Image.fromarray(grey8).save(tmp_path / "a.png")
+    Image.fromarray(grey16).save(tmp_path / "b.png")
+    assert micrograph_info(tmp_path / "a.png") == {"shape": (24, 36), "dtype": np.dtype(np.uint8),
+                                                   "pixel_size": 0.0, "n_sections": 1}
+    np.testing.assert_array_equal(read_micrograph(tmp_path / "a.png"), grey8)
+    np.testing.assert_array_equal(read_micrograph(tmp_path / "b.png"), grey16)
+    stack = open_stack(tmp_path)
+    assert stack.names == ["a", "b"] and stack.shape == (2, 24, 36)
+    np.testing.assert_array_equal(stack.data[0].compute(), grey8)
+
+
+def test_jpeg_and_grey_rgb_read_as_one_channel(tmp_path):
+    from PIL import Image
+
+    grey = np.tile(np.linspace(0, 255, 40).astype(np.uint8), (30, 1))
+    Image.fromarray(grey).save(tmp_path / "g.jpg", quality=95)
+    Image.fromarray(np.repeat(grey[..., None], 3, axis=2)).save(tmp_path / "rgb.png")
+    jpg = read_micrograph(tmp_path / "g.jpg")
+    assert jpg.shape == (30, 40) and jpg.dtype == np.uint8
+    assert np.abs(jpg.astype(int) - grey).max() <= 3  # lossy, but the same picture
+    np.testing.assert_array_equal(read_micrograph(tmp_path / "rgb.png"), grey)
+    assert [p.name for p in list_micrographs(tmp_path)] == ["g.jpg", "rgb.png"]
+    assert micrograph_name(tmp_path / "x.JPEG") == "x"
+
+
+def test_bad_png_and_jpeg_files_are_named(tmp_path):
+    from PIL import Image
+
+    colour = np.zeros((10, 10, 3), np.uint8)
+    colour[..., 0] = 200
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    with pytest.raises(MicrographError, match=r"colour\.png: a colour image"):
+        read_micrograph(tmp_path / "colour.png")
+    (tmp_path / "text.jpg").write_text("not a picture")
+    with pytest.raises(MicrographError, match=r"text\.jpg: not a readable JPEG file"):
+        read_micrograph(tmp_path / "text.jpg")
+    Image.fromarray(np.zeros((8, 8), bool)).save(tmp_path / "bits.png")
+    with pytest.raises(MicrographError, match=r"bits\.png: image mode '1'"):
+        micrograph_info(tmp_path / "bits.png")
+    full = tmp_path / "full.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64)).astype(np.uint8)).save(full)
+    (tmp_path / "cut.png").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(MicrographError, match=r"cut\.png: cannot read the pixels"):
+        read_micrograph(tmp_path / "cut.png")

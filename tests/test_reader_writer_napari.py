@@ -50,7 +50,8 @@ def test_reader_claims(tmp_path, synthetic_dir):
     (tmp_path / "per" / "a.star").write_text("")
     assert get_coordinate_reader(str(tmp_path / "per")) is read_points
     assert get_micrograph_reader(str(tmp_path / "per")) is None
-    assert get_micrograph_reader(str(tmp_path / "x.png")) is None
+    assert get_micrograph_reader(str(tmp_path / "x.png")) is read_micrographs  # 8-bit picking sets
+    assert get_micrograph_reader(str(tmp_path / "x.gif")) is None
 
 
 def test_open_one_micrograph(viewer_model, synthetic_dir):
@@ -90,6 +91,18 @@ def test_open_real_folder_and_coordinates(viewer_model, data_dir):
     assert kind == "points" and data.shape == (26, 3)
     np.testing.assert_array_equal(data[:, 0], _planes(table, stack.metadata["micrograph_names"]))
     np.testing.assert_array_equal(data[:, 1:], table[["y", "x"]].to_numpy())
+
+
+def test_open_folder_of_png_micrographs(viewer_model, synthetic_dir, tmp_path):
+    from PIL import Image
+
+    grey = [np.round(np.clip(m * 40 + 128, 0, 255)).astype(np.uint8) for m in synthetic_dir["set"].micrographs]
+    for name, image in zip(synthetic_dir["set"].names, grey):
+        Image.fromarray(image).save(tmp_path / f"{name}.png")
+    [layer] = viewer_model.open(tmp_path, plugin=PLUGIN)
+    assert layer.data.shape == (3, 128, 160) and layer.data.dtype == np.uint8
+    assert layer.metadata["micrograph_names"] == synthetic_dir["set"].names
+    np.testing.assert_array_equal(np.asarray(layer.data[1]), grey[1])
 
 
 def test_points_land_on_the_right_planes_downsampled(viewer_model, synthetic_dir):

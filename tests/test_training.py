@@ -1,6 +1,7 @@
 """Training: label maps, prior, tiles, reproducibility, stop/error handling, checkpoints, end to end."""
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -257,14 +258,78 @@ def test_nan_loss_stops_with_message_and_last_good_weights(tiny_set, monkeypatch
         assert torch.isfinite(v.float()).all()
 
 
-def test_absurd_learning_rate_diverges_cleanly(tiny_set):
+@pytest.mark.parametrize("lr", [1e12, 10.0])
+def test_absurd_learning_rate_keeps_no_diverged_weights(tiny_set, lr):
+    # 1e12: NaN scores after one step; 10: used to end "done" with every logit above 6e4
     images, names, labels, _ = tiny_set
-    cfg = TrainConfig(**{**TINY, "lr": 1e12, "warmup": 0, "steps_per_epoch": 30, "max_loss": 1e4})
+    cfg = TrainConfig(**{**TINY, "lr": lr, "warmup": 0, "steps_per_epoch": 30})
     tr = Trainer(images, names, labels, cfg)
-    with pytest.raises(TrainingError, match="lower learning rate"):
+    events = []
+    with pytest.raises(TrainingError, match="step 1 .*logits.*no model to keep.*lower learning rate"):
+        for e in tr.run():
+            events.append(e)
+    assert events[-1].kind == "error"
+    assert tr.latest is None and tr.best is None
+    assert all(torch.isfinite(v.float()).all() for v in tr.model.state_dict().values())  # restored to the start
+
+
+def test_divergence_midway_keeps_the_last_good_weights(tiny_set):
+    images, names, labels, _ = tiny_set
+    tr = Trainer(images, names, labels, TrainConfig(**{**TINY, "steps_per_epoch": 30, "warmup": 0}))
+    snapshots = {}
+    with pytest.raises(TrainingError, match=r"keeping the weights of step (\d)") as info:
+        for e in tr.run():
+            if e.kind == "step":
+                snapshots[e.step] = _weights(tr.latest)
+                if e.step == 3:  # the learning rate jumps from step 5 on (step 4's rate is already set)
+                    tr.scheduler.base_lrs = [1e4 for _ in tr.scheduler.base_lrs]
+    kept = int(re.search(r"weights of step (\d+)", str(info.value)).group(1))
+    assert kept == 4
+    for k, v in tr.best.state_dict.items():
+        assert torch.equal(v, snapshots[kept][k])
+    scores = score_micrograph(tr.best.build(), images[0])
+    assert np.isfinite(scores).all() and np.abs(scores).max() < 1e3
+
+
+def test_loss_far_above_its_start_stops(tiny_set, monkeypatch):
+    images, names, labels, _ = tiny_set
+    real = training.compute_loss
+    calls = {"n": 0}
+
+    def inflated(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * 1e3 if calls["n"] == 4 else loss), terms
+
+    monkeypatch.setattr(training, "compute_loss", inflated)
+    tr = Trainer(images, names, labels, TrainConfig(**{**TINY, "steps_per_epoch": 10}))
+    # step 4's loss judges step 3's weights: they are dropped, step 2's are kept
+    with pytest.raises(TrainingError, match="step 4.*100 x its start.*weights of step 2"):
         for _ in tr.run():
             pass
-    assert all(torch.isfinite(v.float()).all() for v in tr.best.state_dict.values())
+    assert tr.best is not None
+
+
+def test_latest_is_none_before_the_first_step_and_a_cancelled_retrain_keeps_nothing_new(tiny_set):
+    images, names, labels, _ = tiny_set
+    first = train(images, names, labels, TrainConfig(**TINY))
+    tr = Trainer(images, names, labels, TrainConfig(**TINY), init=first)
+    events = []
+    for e in tr.run():
+        events.append(e)
+        if e.kind == "start":
+            assert tr.latest is None
+            tr.stop()
+    assert events[-1].kind == "stopped" and events[-1].step == 0
+    assert tr.latest is None and tr.best is None
+
+
+def test_nan_labels_are_refused_before_training(tiny_set):
+    images, names, labels, _ = tiny_set
+    bad = labels.copy()
+    bad.loc[bad.index[2], "x"] = float("nan")
+    with pytest.raises(CoordinateError, match=r"positive labels: 1 row\(s\) without finite coordinates, e.g. row 3"):
+        Trainer(images, names, bad, TrainConfig(**TINY))
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------

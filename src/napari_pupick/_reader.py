@@ -81,7 +81,8 @@ def _folder_has(folder: str, extensions) -> bool:
 def get_micrograph_reader(path):
     """Return :func:`read_micrographs` if ``path`` is micrograph files or a folder holding some, else None.
 
-    ``path`` is a str or a list of str: ``.mrc``, ``.mrcs``, ``.tif``, ``.tiff`` files, or one folder.
+    ``path`` is a str or a list of str: ``.mrc``, ``.mrcs``, ``.tif``, ``.tiff``, ``.png``, ``.jpg``, ``.jpeg``
+    files, or one folder.
     """
     paths = _as_list(path)
     if not paths:

@@ -204,7 +204,7 @@ class AutoTrainer:
                               negatives=self.negatives, init=self.init, preprocess=self.preprocess)
             yield from self._drive(trainer, offset, total, calibrate_epochs=True)
             survey = _trained(trainer)
-            offset += trainer._latest_step
+            offset += trainer.step
             if survey is None:  # stopped before the first step
                 yield from self._finish(None, None, offset, total)
                 return
@@ -228,7 +228,7 @@ class AutoTrainer:
         trainer = Trainer(self.images, self.names, self.positives, self._round_config(expected),
                           negatives=self.negatives, init=self.init, preprocess=self.preprocess)
         yield from self._drive(trainer, offset, total, calibrate_epochs=False)
-        offset += trainer._latest_step
+        offset += trainer.step
         yield from self._finish(survey, _trained(trainer), offset, total)
 
     def _final_expected(self) -> float:
@@ -321,5 +321,5 @@ class AutoTrainer:
 
 
 def _trained(trainer: Trainer) -> Checkpoint | None:
-    """The trainer's latest weights once it has taken a step (None before: nothing was learnt)."""
-    return trainer.latest if trainer._latest_step > 0 else None
+    """The trainer's latest good weights (None before its first step, or when no step's weights were good)."""
+    return trainer.latest

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -182,14 +181,10 @@ def is_complete(item: BatchItem, settings: BatchSettings) -> bool:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
+    from napari_pupick.io.atomic import write_json
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_json(path, obj)
 
 
 def _write_item(item: BatchItem, table: pd.DataFrame, settings: BatchSettings) -> None:
@@ -407,8 +402,9 @@ def write_combined(items: Sequence[BatchItem], path, *, micrograph_ext: str | No
         raise CoordinateError(f"{path}: an EMAN .box file holds one micrograph; the per-micrograph files are the "
                               "output")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    from napari_pupick.io.atomic import atomic_write
+
+    def write(tmp):
         with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
             first = True
             for item in items:
@@ -420,11 +416,8 @@ def write_combined(items: Sequence[BatchItem], path, *, micrograph_ext: str | No
                 first = False
             if first:
                 fh.write(format_coordinates(_empty_table(), fmt, has_score=True))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write([(path, write)])[0]
 
 
 def start_client(workers: int | None = None, scheduler: str | None = None, threads_per_worker: int = 1):

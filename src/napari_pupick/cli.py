@@ -7,7 +7,6 @@ Coordinates on the command line and in files are in ORIGINAL micrograph pixels.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -58,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-pupick {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    mic_help = "micrograph files (.mrc, .mrcs, .tif) or folders of them"
+    mic_help = "micrograph files (.mrc, .mrcs, .tif, .png, .jpg) or folders of them"
 
     p = sub.add_parser("normalize", help="downsample and normalize micrographs (writes MRC files)",
                        description="Downsample (Fourier cropping) and normalize micrographs; writes one MRC per "
@@ -219,6 +218,7 @@ def cmd_normalize(args) -> int:
     from tqdm.auto import tqdm
 
     from napari_pupick.io import list_micrographs, micrograph_name, read_micrograph, write_micrograph
+    from napari_pupick.io.atomic import write_json
     from napari_pupick.preprocess import Preprocessor
 
     paths = list_micrographs(args.micrographs)
@@ -243,7 +243,7 @@ def cmd_normalize(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name, image in tqdm(list(zip(names, normalized)), desc="write", unit="mic", disable=args.quiet):
         write_micrograph(out / f"{name}.mrc", image)
-    (out / "preprocess.json").write_text(json.dumps(pre.to_dict(), indent=2))
+    write_json(out / "preprocess.json", pre.to_dict())
     print(f"wrote {len(names)} normalized micrographs and preprocess.json to {out}")
     return 0
 
@@ -332,7 +332,9 @@ def cmd_evaluate(args) -> int:
     for k, v in result.items():
         print(f"{k:>18}: {v:.4g}" if isinstance(v, float) else f"{k:>18}: {v}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        from napari_pupick.io.atomic import write_json
+
+        write_json(args.json, result)
     return 0
 
 

@@ -7,7 +7,6 @@ scored against every particle of micrographs it never saw labels on.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -124,7 +123,9 @@ def run_demo(output="demo_out", n_micrographs=8, n_labels=40, seed=0, device="au
               "expected_particles": (ckpt.metrics or {}).get("expected_particles"),
               "downsample": picker.factor, "train_seconds": train_s, "pick_seconds": pick_s,
               "match_radius": match_radius, "test_micrographs": test_names, "n_labels": len(synth.labels)}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    from napari_pupick.io.atomic import write_json
+
+    write_json(out / "metrics.json", result)
     say(f"4/5 on {len(test_names)} unseen micrographs: {len(test_kept)} picks for {len(truth)} particles, F1 {f1:.3f} "
         f"(precision {precision:.3f}, recall {recall:.3f}); average precision {result['ap']:.3f} over all "
         f"candidates (match radius {match_radius:g} px) -> metrics.json")

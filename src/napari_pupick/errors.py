@@ -19,3 +19,7 @@ class TrainingError(PupickError, RuntimeError):
 
 class ModelError(PupickError, ValueError):
     """A model checkpoint that cannot be loaded or does not fit the data."""
+
+
+class WriteError(PupickError, OSError):
+    """A file could not be written (read-only or full disk, a folder in the way...); the target is unchanged."""

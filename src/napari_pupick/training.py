@@ -44,17 +44,21 @@ synthetic, 50 labels, mean of 9 runs (3 data sets x 3 seeds), AP at the end of t
 GE-KL 0.90, nnPU 0.85 (3 runs), PN 0.80. Longer schedules overfit 50 labels (AP fell by 0.05-0.15 between
 epochs 5 and 10 on synthetic data), so the default stays short; a holdout keeps the best epoch.
 
-Errors: a non-finite loss, gradient or weight, or a loss above ``max_loss``, ends the run with an ``"error"``
-event whose message says so, then raises ``TrainingError``; ``trainer.best`` and ``trainer.latest`` keep the last
-good weights.
+Divergence: a step's forward pass checks the weights of the step before it (its logits must be finite and within
+``max_logit``, its loss finite, at most ``max_loss`` and at most ``max_loss_growth`` times the first step's loss,
+floored at 1), then its gradients and the new weights must be finite, and the new weights must score a fixed
+probe tile (drawn once from its own random stream, scored in eval mode on a copy, as picking does; about 1 % of a
+step's time) with logits that pass the same test. Only weights that passed are kept; when a step's forward pass
+fails, the weights before it are dropped too (the weights of the step before them are kept). On a failed check
+the run restores the last good weights into the model, yields an ``"error"`` event that says which step's
+weights are kept, then raises ``TrainingError``; ``trainer.best`` and ``trainer.latest`` hold those weights
+(None when no step was good: a retrain then keeps the model it started from).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -105,6 +109,8 @@ class TrainConfig:
     eval_threshold : logit threshold of the held-out NMS.
     eval_every : also evaluate every this many steps (0: at epoch ends only).
     max_loss : a loss above this counts as diverged.
+    max_loss_growth : so does a loss above this many times the first step's loss (floored at 1).
+    max_logit : and a logit above this in absolute value (a trained model's logits stay within about 30).
     seed, device, threads, augment : reproducibility, device (``predict.select_device``), torch CPU threads during
         training (None: 1), random 90-degree rotations and flips of the tiles.
     ema : decay of an exponential moving average of the weights (0: off); when on, the averaged weights are
@@ -137,6 +143,8 @@ class TrainConfig:
     eval_threshold: float = -8.0
     eval_every: int = 0
     max_loss: float = 1e6
+    max_loss_growth: float = 100.0
+    max_logit: float = 1e3
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
@@ -256,18 +264,19 @@ class Checkpoint:
                 "created": str(self.created)}
 
     def save(self, path) -> Path:
-        """Write the checkpoint atomically (a temporary file in the same folder, then renamed over ``path``)."""
+        """Write the checkpoint atomically (``io.atomic``: mode from the umask; a failure leaves ``path`` as it was)."""
+        from napari_pupick.io.atomic import atomic_write
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(self.to_dict(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        if not path.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        d = self.to_dict()
+
+        def write(tmp):
+            with open(tmp, "wb") as fh:  # our own handle: closed whatever torch.save does on a failure
+                torch.save(d, fh)
+
+        return atomic_write([(path, write)])[0]
 
     @classmethod
     def load(cls, path) -> Checkpoint:
@@ -360,6 +369,15 @@ def _check_table(table, what: str) -> pd.DataFrame | None:
         raise CoordinateError(f"{what} table lacks column(s) {sorted(missing)} (needs micrograph, x, y)")
     out = table[["micrograph", "x", "y"]].copy()
     out["micrograph"] = out["micrograph"].astype(str)
+    xy = out[["x", "y"]].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(xy).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        row = out.iloc[i]
+        raise CoordinateError(f"{what}: {int(bad.sum())} row(s) without finite coordinates, e.g. row {i + 1} "
+                              f"(micrograph {row['micrograph']}, x={row['x']}, y={row['y']}); remove them before "
+                              f"training")
+    out[["x", "y"]] = xy
     return out
 
 
@@ -469,9 +487,12 @@ class Trainer:
         self._stop = False
         self._best: Checkpoint | None = None
         self._best_ap: float | None = None
-        self._latest_state: dict | None = None
-        self._latest_step = 0
-        self._latest_epoch = 0
+        self._good: list = []  # (state, step, epoch) of the two newest weights known to be good, oldest first
+        self._initial_state: dict | None = None
+        self._probe = None  # fixed tile that checks weights before they are kept
+        self._probe_net: PickerNet | None = None
+        self._loss_start: float | None = None
+        self.step = 0  # steps taken
         self.history: list = []
         self.metrics: dict = {}
         self.model: PickerNet | None = None
@@ -494,10 +515,28 @@ class Trainer:
 
     @property
     def latest(self) -> Checkpoint | None:
-        """The latest good weights (None before the first step)."""
-        if self._latest_state is None:
+        """The latest weights known to be good (None before the first step, or when no step's weights were)."""
+        if not self._good:
             return None
         return self._checkpoint(self._latest_state)
+
+    @property
+    def _latest_state(self) -> dict | None:
+        return self._good[-1][0] if self._good else None
+
+    @property
+    def _latest_step(self) -> int:
+        return self._good[-1][1] if self._good else 0
+
+    def _probe_problem(self, state: dict) -> str | None:
+        """What is wrong with the logits these weights give on the probe tile (eval mode, on a copy), or None."""
+        if self._probe_net is None:
+            self._probe_net = build_model(self.config.model, **self.config.model_params).eval()
+        net = self._probe_net
+        with torch.no_grad():
+            net.load_state_dict(state)
+            logits = net.classify(net.encode(self._probe))
+        return self._bad_logits(logits)
 
     # -- setup -------------------------------------------------------------------------------------------------
 
@@ -703,7 +742,10 @@ class Trainer:
         self._loss_kw = dict(lam=lam, group=cfg.ge_group, generator=torch.Generator().manual_seed(cfg.seed),
                              beta=cfg.nnpu_beta)
         self._ema = self._snapshot() if cfg.ema > 0 else None
-        self._latest_state = self._snapshot()
+        self._initial_state = self._snapshot()
+        probe_rng = np.random.default_rng([int(cfg.seed), 7])  # its own stream: the training batches do not change
+        side = min(self.tile, 16 * self.model.stride + 1)  # one small tile: about 1 % of a step's time
+        self._probe = self._batch(probe_rng)[0][:1, :, :side, :side].float()
 
     def _step(self) -> tuple:
         """One optimisation step: returns (loss terms, examples in the loss, None or what went wrong)."""
@@ -724,7 +766,11 @@ class Trainer:
             terms["reconstruction"] = float(rec.detach())
             terms["loss"] = float(loss.detach())
         n = int(pos.sum() + unl.sum() + neg.sum())
-        bad = self._diverged(loss)
+        bad = self._bad_logits(logits.detach()) or self._exploded(loss)
+        if bad is not None and self._good:  # these logits are the previous weights': they are not good
+            self._good.pop()
+        if bad is None:
+            bad = self._diverged(loss)
         if bad is None:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -767,18 +813,18 @@ class Trainer:
                 t0 = time.perf_counter()
                 terms, n, bad = self._step()
                 step += 1
+                self.step = step
                 if bad is not None:
-                    self.model.load_state_dict(self._latest_state)
-                    message = (f"training stopped at step {step} (epoch {epoch}): {bad}; keeping the weights of "
-                               f"step {self._latest_step}. Try a lower learning rate (lr={cfg.lr:g}).")
-                    yield TrainEvent("error", step, epoch, total, terms, ap, message=message)
-                    raise TrainingError(message)
+                    yield from self._fail(step, epoch, bad, terms, ap)
                 if self._ema is not None:
                     self._update_average(step)
-                    self._latest_state = {k: v.clone() for k, v in self._ema.items()}
+                    state = {k: v.clone() for k, v in self._ema.items()}
                 else:
-                    self._latest_state = self._snapshot()
-                self._latest_step, self._latest_epoch = step, epoch
+                    state = self._snapshot()
+                bad = self._probe_problem(state)
+                if bad is not None:
+                    yield from self._fail(step, epoch, f"scoring with its weights: {bad}", terms, ap)
+                self._good = self._good[-1:] + [(state, step, epoch)]
                 t_train += time.perf_counter() - t0
                 examples += n
                 if cfg.eval_every and step % cfg.eval_every == 0 and step % cfg.steps_per_epoch:
@@ -793,6 +839,21 @@ class Trainer:
         yield TrainEvent("done", step, int(cfg.epochs), total, terms, ap, examples / max(t_train, 1e-9),
                          message=f"done: {step} steps" + (f", best held-out AP {self._best_ap:.3f}"
                                                            if self._best_ap is not None else ""))
+
+    def _fail(self, step: int, epoch: int, problem: str, terms: dict, ap) -> Iterator[TrainEvent]:
+        """Restore the last good weights, yield the ``"error"`` event that says so, raise ``TrainingError``."""
+        good = self._latest_state if self._latest_state is not None else self._initial_state
+        self.model.load_state_dict(good)
+        if self._latest_state is not None:
+            kept = f"keeping the weights of step {self._latest_step}"
+        elif self.init is not None:
+            kept = "no step's weights were good: keeping the weights it started from"
+        else:
+            kept = "no step's weights were good: no model to keep"
+        message = (f"training stopped at step {step} (epoch {epoch}): {problem}; {kept}. Try a lower learning rate "
+                   f"(lr={self.config.lr:g}).")
+        yield TrainEvent("error", step, epoch, self.config.total_steps, terms, ap, message=message)
+        raise TrainingError(message)
 
     def _evaluate_and_record(self, step, epoch, terms, ap):
         result = {}
@@ -810,12 +871,35 @@ class Trainer:
             self.metrics = {"step": step, "epoch": epoch}
         return ap
 
-    def _diverged(self, loss) -> str | None:
+    def _bad_logits(self, logits) -> str | None:
+        if not bool(torch.isfinite(logits).all()):
+            return "the logits are not finite"
+        peak = float(logits.abs().max()) if logits.numel() else 0.0
+        if peak > self.config.max_logit:
+            return f"the logits exploded (|logit| up to {peak:.3g} > {self.config.max_logit:g})"
+        return None
+
+    def _exploded(self, loss) -> str | None:
+        """A finite loss far above the run's scale (then the weights that gave it are not good either)."""
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return None
+        if value > self.config.max_loss:
+            return f"the loss diverged ({value:.3g} > {self.config.max_loss:g})"
+        if self._loss_start is None:
+            self._loss_start = value
+            return None
+        limit = float(self.config.max_loss_growth) * max(abs(self._loss_start), 1.0)
+        if value > limit:
+            return f"the loss diverged ({value:.3g}, more than {self.config.max_loss_growth:g} x its start " \
+                   f"{self._loss_start:.3g})"
+        return None
+
+    @staticmethod
+    def _diverged(loss) -> str | None:
         value = float(loss.detach())
         if not math.isfinite(value):
             return f"the loss is {value}"
-        if value > self.config.max_loss:
-            return f"the loss diverged ({value:.3g} > {self.config.max_loss:g})"
         return None
 
     @staticmethod

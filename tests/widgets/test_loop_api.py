@@ -51,6 +51,16 @@ def test_scripted_loop_on_a_viewer_model(model_viewer, tmp_path):
     before = loop.checkpoint
     loop.retrain(epochs=1, steps_per_epoch=2, **TINY)
     assert loop.checkpoint is not before
+    # a retrain cancelled before its first step keeps the current model (not untrained weights)
+    current = loop.checkpoint
+    events = []
+    for event in loop.iter_train(init=current, epochs=1, steps_per_epoch=2, **TINY):
+        events.append(event)
+        if event.kind == "train" and event.data.kind in ("start", "round"):
+            loop.stop()
+        loop.handle(event)
+    assert events[-1].kind == "untrained" and "current model is kept" in events[-1].message
+    assert loop.checkpoint is current
 
 
 def test_single_micrograph_layer(tiny_checkpoint):

@@ -7,22 +7,91 @@ import numpy as np
 import pandas as pd
 import starfile
 from qtpy.QtCore import Qt
-from widget_helpers import dock
+from widget_helpers import WIDGETS, dock
+
+
+def _fits(window, width, height) -> bool:
+    hint = window.minimumSizeHint()
+    return hint.width() <= width and hint.height() <= height
 
 
 def test_panel_fits_the_screen(sample_viewer, qtbot):
     panel = dock(sample_viewer, "Picking panel")
     assert type(panel).__name__ == "PupickPanel" and panel.tabs.count() == 4
     window = sample_viewer.window._qt_window
-    hint = window.minimumSizeHint()
-    assert hint.width() <= 1366 and hint.height() <= 768, hint  # 1366 x 768 workable, 1920 x 1080 too
+    assert _fits(window, 1920, 1080), window.minimumSizeHint()
+    assert _fits(window, 1366, 768), window.minimumSizeHint()  # still workable on a small laptop
     window.resize(1920, 1080)
     window.show()
     qtbot.waitUntil(lambda: panel.isVisible(), timeout=5000)
-    # the plots keep their height (the tabs scroll instead of squeezing them)
-    assert panel.predict.plot.height() == panel.predict.plot.minimumHeight()
+    qtbot.waitUntil(lambda: panel._sized, timeout=5000)
+    qtbot.wait(50)
+    # the plots keep their height (the steps scroll instead of squeezing them)
+    for plot in (panel.preprocess.plot, panel.train.plot, panel.predict.plot):
+        assert plot.height() == plot.minimumHeight()
+    # every micrograph's row is in view, and no column is cut off
+    t = panel.micrographs.table
+    assert t.viewport().height() >= sum(t.rowHeight(r) for r in range(t.rowCount()))
+    assert sum(t.columnWidth(c) for c in range(t.columnCount())) <= t.viewport().width()
+    # no step is wider than the panel (nothing clipped on the right)
+    for step in (panel.preprocess, panel.train, panel.predict, panel.export):
+        assert step.scroll.widget().minimumSizeHint().width() <= panel.width(), type(step).__name__
     # the stack opens on the first micrograph and its name is shown
     assert panel.loop.current_plane() == 0 and "synth_0" in panel.micrographs.current.text()
+
+
+def test_each_step_widget_fits_alone_and_together(sample_viewer):
+    window = sample_viewer.window._qt_window
+    for name in WIDGETS:
+        dock_widget, _ = sample_viewer.window.add_plugin_dock_widget("napari-pupick", name)
+        assert _fits(window, 1366, 768), (name, window.minimumSizeHint())
+        sample_viewer.window.remove_dock_widget(dock_widget)
+    for name in WIDGETS:
+        sample_viewer.window.add_plugin_dock_widget("napari-pupick", name)
+    assert _fits(window, 1920, 1080), window.minimumSizeHint()  # all four docked at once
+
+
+def test_training_legend_speaks_plainly(sample_viewer):
+    from napari_pupick.training import TrainEvent
+
+    train = dock(sample_viewer, "2 Train")
+    terms = {"loss": 0.5, "objective": 0.5, "positive": 0.3, "negative": 0.2, "unlabeled_mean_g": 0.05}
+    train.plot.plot_history([TrainEvent("step", s, 0, 10, losses=terms) for s in range(1, 4)], force=True)
+    text = train.plot.legend.text()
+    for name in ("total loss", "labelled particles", "rejected picks", "unlabelled: mean probability",
+                 "held-out AP"):
+        assert name.replace(" ", "&nbsp;") in text
+    assert "objective" not in text and "unlabeled_mean_g" not in text  # no duplicate curve, no internal names
+    # the probability is drawn on the 0-1 axis, the losses on the log axis
+    assert train.plot._lines["unlabeled_mean_g"].axes is train.plot.ax_ap
+    assert train.plot._lines["loss"].axes is train.plot.ax
+
+
+def test_threshold_slider_lines_up_with_the_histogram(picked, qtbot):
+    from qtpy.QtWidgets import QSlider, QStyle, QStyleOptionSlider
+
+    viewer, loop = picked
+    predict = dock(viewer, "3 Predict and inspect")
+    viewer.window._qt_window.resize(1920, 1080)
+    viewer.window._qt_window.show()
+    qtbot.waitUntil(predict.isVisible, timeout=5000)
+    qtbot.wait(50)
+    slider = predict.threshold.native.findChild(QSlider)
+    assert tuple(predict.plot.ax.get_xlim()) == (predict.threshold.min, predict.threshold.max)
+    for value in (predict.threshold.min, predict.threshold.max, 0.0):
+        predict.set_threshold(value)
+        opt = QStyleOptionSlider()
+        slider.initStyleOption(opt)
+        handle = slider.style().subControlRect(QStyle.ComplexControl.CC_Slider, opt,
+                                               QStyle.SubControl.SC_SliderHandle, slider)
+        centre = slider.mapTo(predict.plot.parentWidget(), handle.center()).x() - predict.plot.x()
+        x0, x1 = predict.plot.axis_pixels()
+        lo, hi = predict.plot.ax.get_xlim()
+        expected = x0 + (value - lo) / (hi - lo) * (x1 - x0)
+        assert abs(centre - expected) <= 3, (value, centre, expected)
+    # clicking the histogram moves the threshold there
+    predict.plot.on_pick(1.25)
+    assert loop.threshold == 1.25 and abs(predict.threshold_box.value - 1.25) < 1e-9
 
 
 def test_micrograph_table(picked, qtbot, tmp_path):

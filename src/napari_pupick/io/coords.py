@@ -33,15 +33,15 @@ untouched.
 
 from __future__ import annotations
 
-import os
-import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from napari_pupick.errors import CoordinateError
+from napari_pupick.io.atomic import _write_text
+from napari_pupick.io.atomic import atomic_write as _atomic_write
 from napari_pupick.io.mrc import micrograph_name
 
 __all__ = [
@@ -378,64 +378,6 @@ def _read_folder(folder: Path, format: str | None) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _temp_path(target: Path) -> Path:
-    """Create and return an empty, uniquely named temporary file beside ``target``."""
-    while True:
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            with open(tmp, "x"):
-                return tmp
-        except FileExistsError:  # pragma: no cover - 32 random bits
-            continue
-
-
-def _atomic_write(jobs: Sequence[tuple[Path, Callable[[Path], None]]]) -> list[Path]:
-    """Run each ``write(tmp)`` into a temporary file, then rename every temporary file over its target.
-
-    If anything fails, every temporary file is removed and every target is as it was: existing targets are
-    hard-linked (or copied) aside before the renames and put back when a later rename fails.
-    """
-    import shutil
-
-    temps: list[Path] = []
-    backups: dict[Path, Path | None] = {}
-    done: list[Path] = []
-    try:
-        for target, write in jobs:
-            tmp = _temp_path(target)
-            temps.append(tmp)
-            write(tmp)
-        if len(jobs) > 1:
-            for target, _ in jobs:
-                if target.exists():
-                    bak = _temp_path(target)
-                    bak.unlink()
-                    try:
-                        os.link(target, bak)
-                    except OSError:
-                        shutil.copy2(target, bak)
-                    backups[target] = bak
-                else:
-                    backups[target] = None
-        for (target, _), tmp in zip(jobs, temps):
-            os.replace(tmp, target)
-            done.append(target)
-    except BaseException:
-        for target in done:  # put the old set back
-            bak = backups.get(target)
-            try:
-                os.replace(bak, target) if bak is not None else target.unlink()
-            except OSError:
-                pass
-        for tmp in temps + [b for b in backups.values() if b is not None]:
-            tmp.unlink(missing_ok=True)
-        raise
-    for bak in backups.values():
-        if bak is not None:
-            bak.unlink(missing_ok=True)
-    return [target for target, _ in jobs]
-
-
 def _number(v: float) -> str:
     return np.format_float_positional(float(v), trim="-")
 
@@ -527,11 +469,6 @@ def format_coordinates(table: pd.DataFrame, fmt: str, *, with_names: bool = True
             fields.append(_number(s) if np.isfinite(s) else "nan")
         lines.append("\t".join(fields) + "\n")
     return "".join(lines)
-
-
-def _write_text(tmp: Path, text: str) -> None:
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write(text)
 
 
 def _writer(table: pd.DataFrame, fmt: str, *, with_names: bool, box_size, micrograph_ext: str):

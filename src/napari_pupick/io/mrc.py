@@ -1,15 +1,17 @@
-"""Micrographs on disk: MRC/MRCS (``mrcfile``) and TIFF (``tifffile``) files, one by one or as a lazy stack.
+"""Micrographs on disk: MRC/MRCS (``mrcfile``), TIFF (``tifffile``) and 8/16-bit PNG or JPEG (Pillow) files, one
+by one or as a lazy stack.
 
 Conventions
 -----------
 - An image is indexed ``[row, column]`` = ``[y, x]`` exactly as ``mrcfile`` reads it; shapes are ``(H, W)``.
 - A micrograph's *name* is its file name without the micrograph extension (:func:`micrograph_name`); names are
   how coordinates find their micrograph everywhere in napari-pupick.
-- ``.mrc`` and TIFF files hold one micrograph each. ``.mrcs`` files may hold several (one per section);
+- ``.mrc``, PNG and JPEG files hold one micrograph each (grey-scale; an RGB file whose three channels are equal,
+  as some picking sets ship them, is read as its first channel; a colour image is refused). ``.mrcs`` files may hold several (one per section);
   :func:`read_micrograph` refuses those and :func:`open_stack` expands them into one plane per section, named
   ``<stem>_<section>`` (0-based, zero-padded) when a file has more than one section.
-- Pixel size comes from the MRC header's voxel size, rounded to 4 decimals; ``0.0`` means unknown (TIFF files,
-  or headers that do not carry it).
+- Pixel size comes from the MRC header's voxel size, rounded to 4 decimals; ``0.0`` means unknown (TIFF, PNG and
+  JPEG files, or headers that do not carry it).
 """
 
 from __future__ import annotations
@@ -36,8 +38,12 @@ __all__ = [
 ]
 
 #: File extensions read as micrographs (compared case-insensitively).
-MICROGRAPH_EXTENSIONS = (".mrc", ".mrcs", ".tif", ".tiff")
+MICROGRAPH_EXTENSIONS = (".mrc", ".mrcs", ".tif", ".tiff", ".png", ".jpg", ".jpeg")
 _MRC_EXTENSIONS = (".mrc", ".mrcs")
+_PIL_EXTENSIONS = (".png", ".jpg", ".jpeg")
+#: Pillow image modes read as micrographs, with the dtype of their pixels (RGB-like modes: when grey).
+_PIL_MODES = {"L": np.uint8, "I;16": np.uint16, "I;16L": np.uint16, "I;16B": np.uint16, "I": np.int32,
+              "F": np.float32, "LA": np.uint8, "RGB": np.uint8, "RGBA": np.uint8, "P": np.uint8, "PA": np.uint8}
 _STACK_EXTENSIONS = (".mrcs", ".tif", ".tiff")
 _MRC_HEADER_BYTES = 1024
 
@@ -182,6 +188,45 @@ def _tiff_header(path: Path) -> _Header:
     return _Header(path, int(n), (int(shape[0]), int(shape[1])), dtype, 0.0, None)
 
 
+def _pil_header(path: Path) -> _Header:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            mode, (width, height), frames = img.mode, img.size, getattr(img, "n_frames", 1)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        kind = "PNG" if path.suffix.lower() == ".png" else "JPEG"
+        raise MicrographError(f"{path}: not a readable {kind} file ({exc})") from exc
+    if mode not in _PIL_MODES:
+        raise MicrographError(f"{path}: image mode {mode!r} (e.g. 1-bit or CMYK); expected a grey-scale micrograph "
+                              "(8- or 16-bit)")
+    if frames > 1:
+        raise MicrographError(f"{path}: an animated image of {frames} frames; expected one micrograph")
+    return _Header(path, 1, (int(height), int(width)), np.dtype(_PIL_MODES[mode]), 0.0, None)
+
+
+def _load_pil(path: Path) -> np.ndarray:
+    """Pixels of a PNG/JPEG file as (H, W): grey modes as they are; RGB-like modes only when grey."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            if mode in ("P", "PA"):
+                img = img.convert("RGBA" if mode == "PA" else "RGB")
+            data = np.asarray(img)
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt pixel data
+        raise MicrographError(f"{path}: cannot read the pixels ({exc})") from exc
+    if data.ndim == 3:
+        grey = data[..., 0]
+        colours = data[..., :3] if data.shape[-1] >= 3 else data[..., :1]
+        if not (colours == grey[..., None]).all():
+            raise MicrographError(f"{path}: a colour image (its red, green and blue channels differ); expected a "
+                                  "grey-scale micrograph")
+        data = grey
+    return np.ascontiguousarray(data)
+
+
 def _read_header(path) -> _Header:
     path = Path(path)
     if not path.exists():
@@ -190,6 +235,8 @@ def _read_header(path) -> _Header:
         raise MicrographError(f"{path}: is a folder; expected a micrograph file ({', '.join(MICROGRAPH_EXTENSIONS)})")
     if path.suffix.lower() in (".tif", ".tiff"):
         return _tiff_header(path)
+    if path.suffix.lower() in _PIL_EXTENSIONS:
+        return _pil_header(path)
     return _mrc_header(path)
 
 
@@ -199,7 +246,7 @@ def micrograph_info(path) -> dict:
     Parameters
     ----------
     path : str or Path
-        An ``.mrc``, ``.mrcs`` or TIFF file.
+        An ``.mrc``, ``.mrcs``, TIFF, PNG or JPEG file.
 
     Returns
     -------
@@ -210,7 +257,7 @@ def micrograph_info(path) -> dict:
     Raises
     ------
     MicrographError
-        If the file is missing, not an MRC/TIFF file, or shorter than its header announces.
+        If the file is missing, not a readable micrograph file, or shorter than its header announces.
     """
     h = _read_header(path)
     shape = h.shape if h.n_sections == 1 else (h.n_sections, *h.shape)
@@ -255,6 +302,8 @@ def _load_plane(path, section: int = 0, dtype=None) -> np.ndarray:
         if plane.ndim == 3:  # one page holding several sections
             plane = plane[section]
         stacked = section > 0 or len(series.pages) > 1
+    elif path.suffix.lower() in _PIL_EXTENSIONS:
+        plane, stacked = _load_pil(path), False
     else:
         import mrcfile
 
@@ -288,7 +337,7 @@ def read_micrograph(path) -> np.ndarray:
     Parameters
     ----------
     path : str or Path
-        An ``.mrc``/``.mrcs`` file with one section, or a single-image TIFF file.
+        An ``.mrc``/``.mrcs`` file with one section, a single-image TIFF file, or a grey PNG/JPEG file.
 
     Returns
     -------
@@ -338,17 +387,25 @@ def write_micrograph(path, image, pixel_size: float | None = None) -> Path:
     data = np.asarray(image, dtype=np.float32)
     if data.ndim != 2:
         raise MicrographError(f"{path}: expected a 2-D image to write, got shape {data.shape}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
+
+    def write(tmp):
+        mrc = mrcfile.new(tmp, overwrite=True)
+        try:
             mrc.set_data(data)
             if pixel_size:
                 mrc.voxel_size = float(pixel_size)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+            mrc.flush()
+        finally:
+            stream = getattr(mrc, "_iostream", None)
+            try:
+                mrc.close()
+            finally:  # mrcfile's close() leaves the file open when its own flush fails (a full disk)
+                if stream is not None and not stream.closed:
+                    stream.close()
+
+    from napari_pupick.io.atomic import atomic_write
+
+    return atomic_write([(path, write)])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,8 +419,8 @@ def list_micrographs(folder_or_paths) -> list[Path]:
     Parameters
     ----------
     folder_or_paths : str, Path or sequence of them
-        A folder (its files ending in .mrc, .mrcs, .tif or .tiff, not recursive, hidden files skipped), one file,
-        or several files.
+        A folder (its files ending in .mrc, .mrcs, .tif, .tiff, .png, .jpg or .jpeg, not recursive, hidden files
+        skipped), one file, or several files.
 
     Returns
     -------

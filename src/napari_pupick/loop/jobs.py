@@ -161,8 +161,10 @@ class JobsMixin:
         finally:
             self._trainer = None
         best = trainer.best
-        if best is None:
-            raise TrainingError("training stopped before the first step: no model to keep")
+        if best is None:  # stopped before the first step: nothing was learnt, the current model (if any) stays
+            kept = "the current model is kept" if self.checkpoint is not None else "no model yet"
+            yield LoopEvent("untrained", total, total, f"training stopped before the first step: {kept}")
+            return
         metrics = best.metrics or {}
         if "threshold" in metrics:
             message = metrics.get("kept", "kept the model") + f"; threshold {metrics['threshold']:.2f}"

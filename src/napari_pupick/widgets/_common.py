@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 
 from napari_pupick.errors import PupickError
 from napari_pupick.loop import LoopEvent, PickLoop
@@ -198,11 +198,24 @@ class PupickWidget(QWidget):
         self.viewer = self.loop.viewer  # the viewer itself (napari passes plugins a public-only proxy)
         self.job: Job | None = None
         outer = QVBoxLayout(self)
-        outer.setContentsMargins(6, 6, 6, 6)
+        outer.setContentsMargins(0, 0, 0, 0)
         outer.setSpacing(4)
+        # the controls scroll (no step asks for more height than the dock gets, docked alone or with the
+        # others); the progress bar and the status line stay in view below them
+        inner = QWidget()
+        wrap = QVBoxLayout(inner)
+        wrap.setContentsMargins(6, 6, 6, 0)
         self.body = QVBoxLayout()
         self.body.setSpacing(4)
-        outer.addLayout(self.body)
+        wrap.addLayout(self.body)
+        wrap.addStretch(1)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        self.scroll.setWidget(inner)
+        self.scroll.setMinimumHeight(120)
+        outer.addWidget(self.scroll, 1)
         self.progress = QProgressBar()
         self.progress.setMaximumHeight(14)
         self.progress.setTextVisible(False)
@@ -213,10 +226,10 @@ class PupickWidget(QWidget):
         self.status = text_label()
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self._footer = QVBoxLayout()
+        self._footer.setContentsMargins(6, 0, 6, 6)
         self._footer.addWidget(self.progress)
         self._footer.addWidget(self.status)
         outer.addLayout(self._footer)
-        outer.addStretch(1)
         self._subscriptions: list = []
         self.destroyed.connect(self._unsubscribe_all)
 

@@ -8,9 +8,9 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QPushButton,
-    QScrollArea,
     QSplitter,
     QTableWidget,
     QTableWidgetItem,
@@ -23,7 +23,11 @@ from napari_pupick.loop import PickLoop
 
 __all__ = ["MicrographTable", "PupickPanel"]
 
-COLUMNS = ["micrograph", "labels", "rejected", "picks", "uncertain", "reviewed"]
+COLUMNS = ["micrograph", "labels", "rejected", "picks", "unsure", "\u2713"]
+_TIPS = ["The micrograph (click a row to show it)", "Particles labelled on it (positives)",
+         "Picks rejected on it (negative labels)", "Picks at or above the threshold (- : not scored yet)",
+         "Share of its candidates within 1 logit of the threshold: where the model hesitates",
+         "Reviewed: tick when done; Export can keep only the reviewed micrographs"]
 
 
 class _Number(QTableWidgetItem):
@@ -63,11 +67,25 @@ class MicrographTable(QWidget):
         layout.addLayout(row)
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
+        for c, tip in enumerate(_TIPS):
+            self.table.horizontalHeaderItem(c).setToolTip(tip)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        metrics = self.fontMetrics()
+        for c in range(1, len(COLUMNS)):  # numbers: as wide as the header word or "9999", no wider
+            header.setSectionResizeMode(c, QHeaderView.ResizeMode.Fixed)
+            header.resizeSection(c, max(metrics.horizontalAdvance(COLUMNS[c]), metrics.horizontalAdvance("9999"))
+                                 + 12)
+        self.table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 6)
+        # compact headers: napari's theme pads each section generously, and six columns share ~400 px
+        header.setStyleSheet("QHeaderView::section { padding: 1px 3px; }")
+        self.table.setStyleSheet("QTableWidget::item { padding: 0px 3px; }")
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.table.verticalHeader().setVisible(False)
-        self.table.horizontalHeader().setStretchLastSection(True)
         self.table.setSortingEnabled(True)
+        self.table.sortItems(0, Qt.SortOrder.AscendingOrder)  # Qt's default indicator is descending
         self.table.setMinimumHeight(80)
         layout.addWidget(self.table)
         self._filling = False
@@ -83,6 +101,13 @@ class MicrographTable(QWidget):
         loop.viewer.dims.events.current_step.connect(self._show_current)
         self.destroyed.connect(lambda *_: loop.disconnect(self._schedule))
         self.refresh()
+
+    def rows_height(self, rows: int) -> int:
+        """Height (px) of the table showing ``rows`` rows, plus the line above it."""
+        t = self.table
+        row = t.rowHeight(0) if t.rowCount() else t.verticalHeader().defaultSectionSize()
+        return (t.horizontalHeader().height() + rows * row + 2 * t.frameWidth()
+                + max(self.current.sizeHint().height(), self.next_button.sizeHint().height()) + 16)
 
     def _schedule(self, *_):
         self._timer.start()
@@ -102,6 +127,7 @@ class MicrographTable(QWidget):
             name = QTableWidgetItem(row.micrograph)
             name.setData(Qt.ItemDataRole.UserRole, int(row.plane))
             name.setFlags(name.flags() & ~Qt.ItemFlag.ItemIsEditable)
+            name.setToolTip(row.micrograph)
             self.table.setItem(r, 0, name)
             self.table.setItem(r, 1, _Number(row.labels, str(row.labels)))
             self.table.setItem(r, 2, _Number(row.rejected, str(row.rejected)))
@@ -157,15 +183,6 @@ class MicrographTable(QWidget):
             self.table.blockSignals(False)
 
 
-def _scrolled(widget: QWidget) -> QScrollArea:
-    area = QScrollArea()
-    area.setWidgetResizable(True)
-    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-    area.setFrameShape(QScrollArea.Shape.NoFrame)
-    area.setWidget(widget)
-    return area
-
-
 class PupickPanel(QWidget):
     """One dock widget for the whole loop: the micrograph table above, the steps (Preprocess and label, Train,
     Predict and inspect, Export) as tabs below, in a splitter."""
@@ -186,7 +203,7 @@ class PupickPanel(QWidget):
         self.tabs = QTabWidget()
         for widget, title in ((self.preprocess, "1 Label"), (self.train, "2 Train"), (self.predict, "3 Pick"),
                               (self.export, "4 Export")):
-            self.tabs.addTab(_scrolled(widget), title)
+            self.tabs.addTab(widget, title)  # each step scrolls its own controls
         self.micrographs = MicrographTable(self.loop)
         splitter = QSplitter(Qt.Orientation.Vertical)
         splitter.addWidget(self.micrographs)
@@ -194,7 +211,21 @@ class PupickPanel(QWidget):
         splitter.setStretchFactor(0, 1)
         splitter.setStretchFactor(1, 3)
         splitter.setChildrenCollapsible(False)
+        self.splitter = splitter
+        self._sized = False
         layout = QVBoxLayout(self)
         layout.setContentsMargins(2, 2, 2, 2)
         layout.addWidget(splitter)
-        self.setMinimumWidth(380)
+        self.setMinimumWidth(420)
+
+    def showEvent(self, event):
+        super().showEvent(event)
+        if not self._sized:
+            self._sized = True
+            QTimer.singleShot(0, self.fit_table)  # once laid out
+
+    def fit_table(self) -> None:
+        """The table as tall as its rows (up to 10, at most a third of the panel); the steps get the rest."""
+        total = self.splitter.height()
+        top = min(self.micrographs.rows_height(min(max(self.loop.n_planes, 3), 10)), total // 3)
+        self.splitter.setSizes([top, total - top])

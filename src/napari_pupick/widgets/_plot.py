@@ -83,6 +83,22 @@ class MixturePlot(PlotCanvas):
         self.redraw(force=True)
 
 
+#: Loss terms of a training step as a microscopist reads them (``objective`` is left out: without rejected picks
+#: and reconstruction it is the total loss again). Terms on the right axis are probabilities, not losses.
+CURVES = {"loss": "total loss", "positive": "labelled particles", "negative": "rejected picks",
+          "reconstruction": "reconstruction", "unlabeled_mean_g": "unlabelled: mean probability"}
+_RIGHT = {"unlabeled_mean_g"}
+_CURVE_TIPS = {
+    "total loss": "What training minimises (lower is better)",
+    "labelled particles": "Loss on your labelled particles: falls as the model learns to find them",
+    "rejected picks": "Loss on the picks you rejected: falls as the model learns to avoid them",
+    "reconstruction": "Autoencoder reconstruction error",
+    "unlabelled: mean probability": "Mean predicted particle probability over unlabelled regions (right axis): "
+                                    "should settle near the expected share of particles",
+    "held-out AP": "Average precision on labels held out of training (right axis; 1 is perfect)",
+}
+
+
 class TrainingPlot(PlotCanvas):
     """Loss terms per step (left axis, log scale) and held-out average precision per epoch (right axis).
 
@@ -133,7 +149,7 @@ class TrainingPlot(PlotCanvas):
         self.ax_ap.set_yticks([0, 0.5, 1.0])
         self.ax_ap.yaxis.tick_right()  # clear() puts a twin axis back on the left
         self.ax_ap.yaxis.set_label_position("right")
-        self.ax_ap.set_ylabel("held-out AP")
+        self.ax_ap.set_ylabel("AP, probability")
         (self._ap_line,) = self.ax_ap.plot([], [], "o-", color="#7cfc00", ms=3, lw=1.2, label="held-out AP",
                                            animated=True)
         self._background = None
@@ -141,9 +157,12 @@ class TrainingPlot(PlotCanvas):
             self.draw_idle()
 
     def _update_legend(self) -> None:
-        items = [(key, line.get_color()) for key, line in self._lines.items()] + [("held-out AP", "#7cfc00")]
-        self.legend.setText("&nbsp;&nbsp;".join(f"<span style='color:{c}'>&#9632;</span>&nbsp;{k}"
-                                                    for k, c in items))
+        items = [(CURVES[key], line.get_color()) for key, line in self._lines.items()] + [("held-out AP",
+                                                                                           "#7cfc00")]
+        # no break inside an entry, a break allowed between entries
+        self.legend.setText(" ".join(f"<span style='white-space:nowrap'><span style='color:{c}'>&#9632;</span>"
+                                     f"&nbsp;{k.replace(' ', '&nbsp;')}&nbsp;&nbsp;</span>" for k, c in items))
+        self.legend.setToolTip("<br>".join(f"<b>{k}</b>: {_CURVE_TIPS[k]}" for k, _ in items))
 
     def _blit(self) -> None:
         if self._background is None:
@@ -159,7 +178,7 @@ class TrainingPlot(PlotCanvas):
 
     def _draw_lines(self) -> None:
         for line in self._lines.values():
-            self.ax.draw_artist(line)
+            line.axes.draw_artist(line)
         self.ax_ap.draw_artist(self._ap_line)
 
     def plot_history(self, history, force: bool = False) -> None:
@@ -170,7 +189,7 @@ class TrainingPlot(PlotCanvas):
             self.ax.set_xlim(0, history[0].total_steps)
             full = True
         if steps:
-            keys = [k for k in steps[-1].losses if np.isfinite(steps[-1].losses[k])]
+            keys = [k for k in CURVES if np.isfinite(steps[-1].losses.get(k, np.nan))]
             for stale in set(self._lines) - set(keys):  # another objective: other loss terms
                 self._lines.pop(stale).remove()
                 self._update_legend()
@@ -178,15 +197,18 @@ class TrainingPlot(PlotCanvas):
             lo, hi = np.inf, -np.inf
             for i, key in enumerate(keys):
                 y = np.array([e.losses.get(key, np.nan) for e in steps], float)
-                y = np.where(y > 0, y, np.nan)
+                right = key in _RIGHT
+                if not right:
+                    y = np.where(y > 0, y, np.nan)
                 line = self._lines.get(key)
                 if line is None:
-                    (line,) = self.ax.plot([], [], lw=1.0, color=_COLORS[i % len(_COLORS)], label=key,
-                                           animated=True)
+                    ax = self.ax_ap if right else self.ax
+                    (line,) = ax.plot([], [], lw=1.0, color=_COLORS[i % len(_COLORS)], label=CURVES[key],
+                                      animated=True, ls="--" if right else "-")
                     self._lines[key] = line
                     self._update_legend()
                 line.set_data(x, y)
-                if np.isfinite(y).any():
+                if not right and np.isfinite(y).any():
                     lo, hi = min(lo, np.nanmin(y)), max(hi, np.nanmax(y))
             ymin, ymax = self.ax.get_ylim()
             if np.isfinite(lo) and (lo < ymin or hi > ymax):
@@ -218,21 +240,56 @@ class HistogramPlot(PlotCanvas):
         self._line = None
         self._span = None
         self._background = None
+        #: Called with the new width after each resize (the threshold slider below re-aligns its track).
+        self.on_resize = None
+        #: Called with the score under the mouse when the histogram is clicked or dragged (sets the threshold).
+        self.on_pick = None
+        self._pressed = False
         self.mpl_connect("draw_event", self._on_draw)
+        self.mpl_connect("button_press_event", self._press)
+        self.mpl_connect("motion_notify_event", self._drag)
+        self.mpl_connect("button_release_event", self._release)
+        self.setToolTip("Scores of all candidates; the picks are those right of the yellow line (click or drag to "
+                        "move it)")
         self.plot_scores(np.zeros(0), 0.0)
 
-    def plot_scores(self, scores, threshold: float) -> None:
+    def axis_pixels(self) -> tuple[float, float]:
+        """Left and right end of the x axis, in Qt pixels from the canvas's left edge."""
+        pars = self.figure.subplotpars
+        return pars.left * self.width(), pars.right * self.width()
+
+    def resizeEvent(self, event):
+        super().resizeEvent(event)
+        if self.on_resize is not None:
+            self.on_resize(self.width())
+
+    def _press(self, event):
+        if event.inaxes is self.ax and event.xdata is not None and self.on_pick is not None:
+            self._pressed = True
+            self.on_pick(float(event.xdata))
+
+    def _drag(self, event):
+        if self._pressed and event.inaxes is self.ax and event.xdata is not None:
+            self.on_pick(float(event.xdata))
+
+    def _release(self, event):
+        self._pressed = False
+
+    def plot_scores(self, scores, threshold: float, xlim: tuple[float, float] | None = None) -> None:
+        """Histogram of ``scores`` with the threshold line; ``xlim``: the axis range (the slider's range, so the
+        slider's track lines up with the axis), default the scores' range."""
         ax = self.ax
         ax.clear()
         self._style(ax)
         scores = np.asarray(scores, float)
         scores = scores[np.isfinite(scores)]
         if scores.size:
-            ax.hist(scores, bins=60, color="#8a93a0", linewidth=0)
+            lo, hi = (float(scores.min()), float(scores.max())) if xlim is None else map(float, xlim)
+            ax.hist(scores, bins=np.linspace(lo, hi, 61) if hi > lo else 60, color="#8a93a0", linewidth=0)
             ax.set_yscale("log")
-            lo, hi = float(scores.min()), float(scores.max())
-            pad = 0.02 * max(hi - lo, 1e-6)
-            ax.set_xlim(lo - pad, hi + pad)
+            ax.set_xlim(lo, hi if hi > lo else lo + 1)
+        elif xlim is not None:
+            ax.set_xlim(*xlim)
         ax.set_xlabel("score (logit)")
         ax.set_yticks([])
         ax.yaxis.set_minor_locator(NullLocator())

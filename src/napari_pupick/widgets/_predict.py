@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 from magicgui.widgets import CheckBox, Container, FloatSlider, FloatSpinBox, PushButton
+from qtpy.QtWidgets import QLabel
 
-from napari_pupick.widgets._common import PupickWidget, heading, hbox, text_label, warm_up
+from napari_pupick.widgets._common import PupickWidget, hbox, heading, text_label, warm_up
 from napari_pupick.widgets._plot import HistogramPlot
 
 __all__ = ["PredictWidget"]
@@ -38,19 +39,26 @@ class PredictWidget(PupickWidget):
         self.body.addWidget(heading("Threshold"))
         self.plot = HistogramPlot()
         self.body.addWidget(self.plot)
-        self.threshold = FloatSlider(value=self.loop.threshold, min=-6.0, max=10.0, step=0.01, readout=True,
+        # the slider's track spans exactly the histogram's x axis (same range, same pixels: see _align_slider)
+        self.threshold = FloatSlider(value=self.loop.threshold, min=-6.0, max=10.0, step=0.01, readout=False,
                                      tracking=True, tooltip="Show picks with score >= threshold (a logit)")
         self.threshold.label = "threshold"
-        self.suggest_button = PushButton(text="Use the model's threshold")
+        self.threshold_box = FloatSpinBox(label="threshold", value=self.loop.threshold, min=-1000, max=1000,
+                                          step=0.1, tooltip="The threshold (a logit): picks scoring at least "
+                                                            "this are shown and exported")
+        self.suggest_button = PushButton(text="Model's threshold")
         self.suggest_button.enabled = False
         self.body.addWidget(self.threshold.native)
-        self.body.addWidget(self.suggest_button.native)
+        self.body.addWidget(hbox(QLabel("threshold"), self.threshold_box, self.suggest_button))
+        self.plot.on_resize = self._align_slider
+        self.plot.on_pick = self.set_threshold
         self.counts = text_label("no picks yet")
         self.body.addWidget(self.counts)
 
         self.current_button.changed.connect(lambda *_: self.predict("current"))
         self.all_button.changed.connect(lambda *_: self.predict("all"))
         self.threshold.changed.connect(self._threshold_moved)
+        self.threshold_box.changed.connect(self._threshold_moved)
         self.suggest_button.changed.connect(self.use_suggested)
         self.nms_radius.changed.connect(self._extraction_changed)
         self.margin.changed.connect(self._extraction_changed)
@@ -61,6 +69,7 @@ class PredictWidget(PupickWidget):
         self.subscribe("model", self._model_changed)
         self.subscribe("micrographs", self._micrographs_changed)
         self.subscribe("particle", self._micrographs_changed)
+        self._set_range(self.threshold.min, self.threshold.max)
         self._model_changed(self.loop)
         warm_up()
 
@@ -92,11 +101,36 @@ class PredictWidget(PupickWidget):
         self.loop.set_threshold(float(value))
 
     def _show_threshold(self, value: float) -> None:
-        """Move the slider to ``value`` without feeding back into the loop."""
+        """Move the slider and the number to ``value`` without feeding back into the loop."""
         with self.threshold.changed.blocked():
-            self.threshold.min = min(self.threshold.min, value)
-            self.threshold.max = max(self.threshold.max, value)
+            if value < self.threshold.min or value > self.threshold.max:
+                self._set_range(min(self.threshold.min, value), max(self.threshold.max, value))
             self.threshold.value = value
+        with self.threshold_box.changed.blocked():
+            self.threshold_box.value = round(value, 2)
+
+    def _set_range(self, lo: float, hi: float, scores=None) -> None:
+        """The slider's range and the histogram's axis, always the same."""
+        with self.threshold.changed.blocked():
+            self.threshold.min, self.threshold.max = lo, hi
+        self.plot.plot_scores(self.loop.all_scores() if scores is None else scores, self.loop.threshold,
+                              xlim=(lo, hi))
+
+    def _align_slider(self, width: int | None = None) -> None:
+        """Give the slider's track the histogram axis's pixels: the handle's centre sits at the score it shows."""
+        from qtpy.QtWidgets import QSlider, QStyle, QStyleOptionSlider
+
+        slider = self.threshold.native.findChild(QSlider)
+        if slider is None:
+            return
+        opt = QStyleOptionSlider()
+        slider.initStyleOption(opt)
+        handle = slider.style().subControlRect(QStyle.ComplexControl.CC_Slider, opt,
+                                               QStyle.SubControl.SC_SliderHandle, slider).width()
+        x0, x1 = self.plot.axis_pixels()
+        left = round(x0 - handle / 2)
+        right = round(self.plot.width() - x1 - handle / 2)
+        self.threshold.native.layout().setContentsMargins(max(left, 0), 0, max(right, 0), 0)
 
     def _threshold_changed(self, loop) -> None:
         self._show_threshold(loop.threshold)
@@ -126,8 +160,7 @@ class PredictWidget(PupickWidget):
     def _model_changed(self, loop) -> None:
         t = loop.suggested_threshold
         self.suggest_button.enabled = t is not None
-        self.suggest_button.text = ("Use the model's threshold" if t is None
-                                    else f"Use the model's threshold ({t:.2f})")
+        self.suggest_button.text = "Model's threshold" if t is None else f"Model's threshold ({t:.2f})"
         self.suggest_button.tooltip = ("The threshold training calibrated from the held-out labels"
                                        if t is not None else "Known after training")
         if loop.margin is None:
@@ -140,11 +173,10 @@ class PredictWidget(PupickWidget):
         scores = loop.all_scores()
         if scores.size:
             lo, hi = float(np.floor(scores.min())), float(np.ceil(scores.max()))
-            with self.threshold.changed.blocked():
-                self.threshold.min = min(lo, loop.threshold)
-                self.threshold.max = max(hi, loop.threshold)
-                self.threshold.value = loop.threshold
-        self.plot.plot_scores(scores, loop.threshold)
+            self._set_range(min(lo, loop.threshold), max(hi, loop.threshold), scores)
+        else:
+            self._set_range(self.threshold.min, self.threshold.max, scores)
+        self._show_threshold(loop.threshold)
         if loop.scores_layer is not None:
             loop.scores_layer.visible = bool(self.heatmap.value)
         self._update_counts()

@@ -8,8 +8,8 @@ from magicgui.widgets import ComboBox, Container, FloatSpinBox, PushButton, Spin
 from qtpy.QtCore import QTimer
 
 from napari_pupick.loop import LoopEvent
-from napari_pupick.widgets._common import PupickWidget, heading, hbox, text_label, warm_up
-from napari_pupick.widgets._plot import TrainingPlot
+from napari_pupick.widgets._common import PupickWidget, hbox, heading, text_label, warm_up
+from napari_pupick.widgets._plot import CURVES, TrainingPlot
 
 __all__ = ["TrainWidget"]
 
@@ -161,7 +161,7 @@ class TrainWidget(PupickWidget):
         ev = event.data
         if event.kind == "train" and ev.kind in ("step", "epoch"):
             parts = [f"step {ev.step}/{ev.total_steps}"]
-            parts += [f"{k} {v:.3g}" for k, v in list(ev.losses.items())[:2]]
+            parts += [f"{CURVES[k]} {ev.losses[k]:.3g}" for k in ("loss", "positive") if k in ev.losses]
             if ev.heldout_ap is not None:
                 parts.append(f"held-out AP {ev.heldout_ap:.3f}")
             self.status.setText(" · ".join(parts))
