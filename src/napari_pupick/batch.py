@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -265,7 +266,7 @@ def _distributed(todo, settings, device, threads, client, retries, window):
 
     pending = list(reversed(todo))
     by_key, running = {}, as_completed()
-    run = os.urandom(4).hex()
+    run = secrets.token_hex(4)
 
     def submit():
         item = pending.pop()
