@@ -15,8 +15,16 @@ import numpy as np
 import pytest
 import starfile
 
-from napari_pupick.batch import (SIDECAR_DIR, close_client, is_complete, plan_items, resolve_settings, run_batch,
-                                 start_client, write_combined)
+from napari_pupick.batch import (
+    SIDECAR_DIR,
+    close_client,
+    is_complete,
+    plan_items,
+    resolve_settings,
+    run_batch,
+    start_client,
+    write_combined,
+)
 from napari_pupick.io import read_coordinates, write_coordinates
 
 N_MICROGRAPHS = 10
@@ -69,7 +77,7 @@ def test_serial_run_writes_one_file_and_sidecar_per_micrograph(serial_reference,
 
 
 def test_combined_file_lists_every_micrograph_once(serial_reference, micrographs):
-    folder, files, _ = serial_reference
+    folder = serial_reference[0]
     combined = starfile.read(folder.parent / "all.star")
     names = [Path(p).name for p in micrographs]
     assert list(dict.fromkeys(combined["rlnMicrographName"])) == names  # in order, each as one contiguous block
@@ -83,7 +91,6 @@ def test_combined_file_lists_every_micrograph_once(serial_reference, micrographs
 
 def test_rerun_skips_complete_micrographs_and_overwrite_redoes_them(serial_reference, micrographs, tiny_model,
                                                                     tmp_path):
-    folder, files, _ = serial_reference
     parts = tmp_path / "parts"
     first = run_batch(tiny_model, micrographs[:4], parts)
     again = run_batch(tiny_model, micrographs[:4], parts)
@@ -113,7 +120,7 @@ def test_a_killed_worker_loses_no_micrograph_and_duplicates_none(serial_referenc
     victim = str(micrographs[3])
 
     def install(marker=str(marker), victim=victim):
-        import napari_pupick.io as io
+        from napari_pupick import io
 
         original = getattr(io.read_micrograph, "original", io.read_micrograph)
 
@@ -127,7 +134,7 @@ def test_a_killed_worker_loses_no_micrograph_and_duplicates_none(serial_referenc
         io.read_micrograph = read_micrograph
 
     def uninstall():
-        import napari_pupick.io as io
+        from napari_pupick import io
 
         io.read_micrograph = getattr(io.read_micrograph, "original", io.read_micrograph)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -195,7 +196,7 @@ def _write_item(item: BatchItem, table: pd.DataFrame, settings: BatchSettings) -
     table = table.assign(micrograph=item.name)
     write_micrograph_coordinates(table, item.target, format=settings.format, box_size=settings.box_size)
     _write_json_atomic(item.sidecar, {"settings": settings.key(), "micrograph": _micrograph_stamp(item.path),
-                                      "bytes": item.target.stat().st_size, "n_picks": int(len(table)),
+                                      "bytes": item.target.stat().st_size, "n_picks": len(table),
                                       "source": str(item.path)})
 
 
@@ -265,11 +266,14 @@ def _distributed(todo, settings, device, threads, client, retries, window):
 
     pending = list(reversed(todo))
     by_key, running = {}, as_completed()
+    run = secrets.token_hex(4)
 
     def submit():
         item = pending.pop()
-        # a deterministic key: a resubmitted task (lost worker) is the same task, never a duplicate
-        key = "pupick-" + hashlib.sha1(f"{settings.model_sha256}|{item.path}|{item.target}".encode()).hexdigest()
+        # one key per micrograph and run: a task the scheduler reruns after a lost worker keeps its key (one result,
+        # never a duplicate); the run's token keeps a resumed run's tasks apart from the cancelled tasks of an
+        # interrupted run on the same client, which the scheduler may still be forgetting
+        key = f"pupick-{run}-" + hashlib.sha1(f"{settings.model_sha256}|{item.path}|{item.target}".encode()).hexdigest()
         fut = client.submit(pick_task, str(item.path), item.name, settings, device, threads, key=key,
                             retries=retries, pure=False)
         by_key[fut.key] = item

@@ -32,8 +32,8 @@ import pandas as pd
 
 from napari_pupick.errors import CoordinateError, PupickError
 
-__all__ = ["read_coordinate_files", "read_micrographs_star", "relion_pick", "relion_targets", "relion_train",
-           "main", "pick_main", "train_main"]
+__all__ = ["main", "pick_main", "read_coordinate_files", "read_micrographs_star", "read_relion_labels",
+           "relion_pick", "relion_targets", "relion_train", "train_main", "write_output_nodes"]
 
 #: Node type labels (RELION 4/5 pipeline labels).
 COORDS_NODE = "MicrographsCoords.star.relion.autopick"
