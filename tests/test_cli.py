@@ -185,6 +185,13 @@ def test_normalize_reads_8_bit_png_like_the_same_mrc(data_dir, tmp_path):
         assert main(["normalize", str(src), "-o", str(tmp_path / f"out_{src.name}"), "--radius", "30", "-q"]) == 0
     outs = sorted((tmp_path / "out_png").glob("*.mrc"))
     assert len(outs) == 3
+    first = read_micrograph(mrc / f"{outs[0].stem}.mrc").astype(np.uint8)
+    Image.fromarray(first).save(tmp_path / "one.jpg", quality=95)
+    assert main(["normalize", str(tmp_path / "one.jpg"), "-o", str(tmp_path / "out_jpg"), "--radius", "30",
+                 "-q"]) == 0
+    with mrcfile.open(tmp_path / "out_jpg" / "one.mrc") as jpg, mrcfile.open(outs[0]) as ref:
+        assert jpg.data.shape == ref.data.shape
+        assert np.corrcoef(jpg.data.ravel(), ref.data.ravel())[0, 1] > 0.99  # lossy, the same picture
     for out in outs:
         with mrcfile.open(out) as a, mrcfile.open(tmp_path / "out_mrc" / out.name) as b:
             np.testing.assert_allclose(a.data, b.data, atol=1e-5)

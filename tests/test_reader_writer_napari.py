@@ -93,16 +93,20 @@ def test_open_real_folder_and_coordinates(viewer_model, data_dir):
     np.testing.assert_array_equal(data[:, 1:], table[["y", "x"]].to_numpy())
 
 
-def test_open_folder_of_png_micrographs(viewer_model, synthetic_dir, tmp_path):
+def test_open_png_folder_and_jpeg_file(viewer_model, synthetic_dir, tmp_path):
     from PIL import Image
 
     grey = [np.round(np.clip(m * 40 + 128, 0, 255)).astype(np.uint8) for m in synthetic_dir["set"].micrographs]
     for name, image in zip(synthetic_dir["set"].names, grey):
         Image.fromarray(image).save(tmp_path / f"{name}.png")
     [layer] = viewer_model.open(tmp_path, plugin=PLUGIN)
-    assert layer.data.shape == (3, 128, 160) and layer.data.dtype == np.uint8
+    assert layer.data.shape == (3, 128, 160) and layer.data.dtype == np.float32
     assert layer.metadata["micrograph_names"] == synthetic_dir["set"].names
     np.testing.assert_array_equal(np.asarray(layer.data[1]), grey[1])
+    Image.fromarray(grey[2]).save(tmp_path / "one.jpg", quality=95)
+    [jpg] = viewer_model.open(tmp_path / "one.jpg", plugin=PLUGIN)
+    assert jpg.data.shape == (128, 160) and jpg.data.dtype == np.float32
+    assert np.abs(np.asarray(jpg.data) - grey[2]).mean() < 2  # lossy, the same picture
 
 
 def test_points_land_on_the_right_planes_downsampled(viewer_model, synthetic_dir):

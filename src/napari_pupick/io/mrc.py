@@ -6,8 +6,9 @@ Conventions
 - An image is indexed ``[row, column]`` = ``[y, x]`` exactly as ``mrcfile`` reads it; shapes are ``(H, W)``.
 - A micrograph's *name* is its file name without the micrograph extension (:func:`micrograph_name`); names are
   how coordinates find their micrograph everywhere in napari-pupick.
-- ``.mrc``, PNG and JPEG files hold one micrograph each (grey-scale; an RGB file whose three channels are equal,
-  as some picking sets ship them, is read as its first channel; a colour image is refused). ``.mrcs`` files may hold several (one per section);
+- ``.mrc``, PNG and JPEG files hold one micrograph each. PNG and JPEG (8- or 16-bit grey) are read as float32;
+  an RGB file whose three channels are equal, as some picking sets ship them, is read as its first channel; a
+  colour image is refused. ``.mrcs`` files may hold several (one per section);
   :func:`read_micrograph` refuses those and :func:`open_stack` expands them into one plane per section, named
   ``<stem>_<section>`` (0-based, zero-padded) when a file has more than one section.
 - Pixel size comes from the MRC header's voxel size, rounded to 4 decimals; ``0.0`` means unknown (TIFF, PNG and
@@ -41,9 +42,8 @@ __all__ = [
 MICROGRAPH_EXTENSIONS = (".mrc", ".mrcs", ".tif", ".tiff", ".png", ".jpg", ".jpeg")
 _MRC_EXTENSIONS = (".mrc", ".mrcs")
 _PIL_EXTENSIONS = (".png", ".jpg", ".jpeg")
-#: Pillow image modes read as micrographs, with the dtype of their pixels (RGB-like modes: when grey).
-_PIL_MODES = {"L": np.uint8, "I;16": np.uint16, "I;16L": np.uint16, "I;16B": np.uint16, "I": np.int32,
-              "F": np.float32, "LA": np.uint8, "RGB": np.uint8, "RGBA": np.uint8, "P": np.uint8, "PA": np.uint8}
+#: Pillow image modes read as micrographs (RGB-like modes: when grey); their pixels are returned as float32.
+_PIL_MODES = ("L", "I;16", "I;16L", "I;16B", "I", "F", "LA", "RGB", "RGBA", "P", "PA")
 _STACK_EXTENSIONS = (".mrcs", ".tif", ".tiff")
 _MRC_HEADER_BYTES = 1024
 
@@ -202,11 +202,11 @@ def _pil_header(path: Path) -> _Header:
                               "(8- or 16-bit)")
     if frames > 1:
         raise MicrographError(f"{path}: an animated image of {frames} frames; expected one micrograph")
-    return _Header(path, 1, (int(height), int(width)), np.dtype(_PIL_MODES[mode]), 0.0, None)
+    return _Header(path, 1, (int(height), int(width)), np.dtype(np.float32), 0.0, None)
 
 
 def _load_pil(path: Path) -> np.ndarray:
-    """Pixels of a PNG/JPEG file as (H, W): grey modes as they are; RGB-like modes only when grey."""
+    """Pixels of a PNG/JPEG file as (H, W) float32 (the grey levels as numbers); RGB-like modes only when grey."""
     from PIL import Image
 
     try:
@@ -224,7 +224,7 @@ def _load_pil(path: Path) -> np.ndarray:
             raise MicrographError(f"{path}: a colour image (its red, green and blue channels differ); expected a "
                                   "grey-scale micrograph")
         data = grey
-    return np.ascontiguousarray(data)
+    return np.ascontiguousarray(data, dtype=np.float32)
 
 
 def _read_header(path) -> _Header:
