@@ -27,8 +27,10 @@ single micrograph) in original pixels, and have ``downsample = 1`` in their meta
 the exports need no scaling. Radii and margins are in original pixels too.
 
 Corrections: deleting points from the picks layer records them as negative labels (the "negatives" layer), and a
-point added to the picks layer moves to the "positives" layer. Retraining uses positives, negatives and the
-unlabeled rest, starting from the current model.
+point added to the picks layer moves to the "positives" layer. ``accept_selected`` / ``reject_selected`` (keys Y
+and X) move picks to the labels; every correction can be undone (:meth:`PickLoop.undo`, Ctrl+Z) and redone
+(:meth:`PickLoop.redo`, Ctrl+Shift+Z); :data:`napari_pupick.loop.keys.SHORTCUTS` lists the keys.
+Retraining uses positives, negatives and the unlabeled rest, starting from the current model.
 
 Nothing here imports Qt; torch and the heavy core modules are imported when first needed.
 """
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 from napari_pupick.loop.corrections import CorrectionsMixin
 from napari_pupick.loop.jobs import JobsMixin
+from napari_pupick.loop.keys import KeysMixin
 from napari_pupick.loop.layers import NEGATIVES, PICKS, POSITIVES, SCORES, LayersMixin
 from napari_pupick.loop.review import ReviewMixin
 from napari_pupick.loop.session import DEFAULT_THRESHOLD, NMS_THRESHOLD, LoopEvent, Session
@@ -44,7 +47,7 @@ from napari_pupick.loop.session import DEFAULT_THRESHOLD, NMS_THRESHOLD, LoopEve
 __all__ = ["DEFAULT_THRESHOLD", "NMS_THRESHOLD", "NEGATIVES", "PICKS", "POSITIVES", "SCORES", "LoopEvent", "PickLoop"]
 
 
-class PickLoop(ReviewMixin, CorrectionsMixin, JobsMixin, LayersMixin, Session):
+class PickLoop(KeysMixin, ReviewMixin, CorrectionsMixin, JobsMixin, LayersMixin, Session):
     """One picking session on a napari viewer (see the module docstring).
 
     Parameters

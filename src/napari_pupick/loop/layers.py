@@ -103,6 +103,7 @@ class LayersMixin:
         if layer is None:
             layer = self._new_points(POSITIVES, _POSITIVE_STYLE)
         self.positives_layer = layer
+        self._watch_labels()
         layer.size = 2 * self.radius
         layer.current_size = 2 * self.radius
         self.viewer.layers.selection.active = layer
@@ -122,7 +123,7 @@ class LayersMixin:
         yx = table.loc[keep, ["y", "x"]].to_numpy(float)
         points = np.column_stack([plane[keep].astype(float), yx]) if self.stacked else yx
         layer = self.positives_layer if self._alive(self.positives_layer) else self.add_positives_layer()
-        layer.add(points.reshape(-1, 3 if self.stacked else 2))
+        layer.add(points.reshape(-1, 3 if self.stacked else 2))  # recorded for undo (the layer's own event)
         layer.selected_data = set()
         self._emit("labels")
         return int(keep.sum())

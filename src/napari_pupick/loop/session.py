@@ -79,6 +79,11 @@ class Session:
         self._trainer = None
         self._quiet = 0
         self._pending_add = 0
+        self._undo: list[dict] = []  # undo steps: snapshots of the layers a correction changed
+        self._redo: list[dict] = []
+        self._open_step: dict | None = None
+        self._no_record = 0
+        self._watched: set[int] = set()
         self._callbacks: dict[str, list] = {}
         if micrographs is not None:
             self.set_micrographs(micrographs)
@@ -99,7 +104,7 @@ class Session:
 
     def connect(self, what: str, callback) -> None:
         """Call ``callback(loop)`` after ``what`` changes: 'micrographs', 'particle', 'preprocessed', 'labels',
-        'model', 'picks', 'threshold' or 'history' (the widgets use this to stay in sync)."""
+        'model', 'picks', 'threshold', 'history', 'review' or 'undo' (the widgets use this to stay in sync)."""
         self._callbacks.setdefault(what, []).append(callback)
 
     def disconnect(self, callback) -> None:
@@ -250,6 +255,8 @@ class Session:
         pos = self.positives_layer if self._alive(self.positives_layer) else self._find_points(POSITIVES)
         neg = self.negatives_layer if self._alive(self.negatives_layer) else self._find_points(NEGATIVES)
         self.positives_layer, self.negatives_layer = pos, neg
+        if hasattr(self, "_watch_labels"):
+            self._watch_labels()
         return self._table(pos), self._table(neg)
 
 

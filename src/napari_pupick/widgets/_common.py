@@ -12,7 +12,7 @@ from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QScrollArea, QSize
 from napari_pupick.errors import PupickError
 from napari_pupick.loop import LoopEvent, PickLoop
 
-__all__ = ["Job", "JobError", "PupickWidget", "heading", "hbox", "text_label", "warm_up"]
+__all__ = ["Job", "JobError", "PupickWidget", "heading", "hbox", "install_shortcuts", "text_label", "warm_up"]
 
 _WARM_UP = None
 
@@ -48,6 +48,29 @@ def warm_up():
     _WARM_UP = threading.Thread(target=_run, name="pupick-warm-up", daemon=True)
     _WARM_UP.start()
     return _WARM_UP
+
+
+def install_shortcuts(loop) -> None:
+    """The loop's keyboard shortcuts (:data:`napari_pupick.loop.keys.SHORTCUTS`), once per viewer: bound on the
+    viewer (canvas focus) and as window-wide Qt shortcuts (focus in a dock widget: the panel, the layer list).
+    Text fields keep their own keys (Qt lets a focused line edit take a plain key or Ctrl+Z first)."""
+    from qtpy.QtGui import QKeySequence, QShortcut
+
+    from napari_pupick.loop.keys import SHORTCUTS, bind_keys
+
+    if getattr(loop, "_shortcuts", None) is not None:
+        return
+    viewer = loop.viewer
+    bind_keys(viewer, loop)
+    window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+    loop._shortcuts = []
+    if window is None:
+        return
+    for key, name, _ in SHORTCUTS:
+        shortcut = QShortcut(QKeySequence(key), window)
+        shortcut.setContext(Qt.ShortcutContext.WindowShortcut)
+        shortcut.activated.connect(lambda name=name: getattr(loop, name)())
+        loop._shortcuts.append(shortcut)
 
 
 class JobError(PupickError):
@@ -232,6 +255,7 @@ class PupickWidget(QWidget):
         outer.addLayout(self._footer)
         self._subscriptions: list = []
         self.destroyed.connect(self._unsubscribe_all)
+        install_shortcuts(self.loop)
 
     # -- loop callbacks that do not outlive the widget ---------------------------------------------------------
 

@@ -11,6 +11,7 @@ from qtpy.QtWidgets import (
     QHeaderView,
     QLabel,
     QPushButton,
+    QSizePolicy,
     QSplitter,
     QTableWidget,
     QTableWidgetItem,
@@ -20,6 +21,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pupick.loop import PickLoop
+from napari_pupick.loop.keys import SHORTCUTS, shortcut_help
 
 __all__ = ["MicrographTable", "PupickPanel"]
 
@@ -61,9 +63,14 @@ class MicrographTable(QWidget):
         self.next_button = QPushButton("Label next")
         self.next_button.setToolTip("Go to the unreviewed micrograph whose candidates lie closest to the threshold "
                                     "and which has the fewest labels (after scoring)")
+        self.undo_button = QPushButton("Undo")
+        self.undo_button.setToolTip("Undo the last correction (Ctrl+Z)")
+        self.redo_button = QPushButton("Redo")
+        self.redo_button.setToolTip("Redo (Ctrl+Shift+Z)")
         row = QHBoxLayout()
         row.addWidget(self.current, 1)
-        row.addWidget(self.next_button)
+        for button in (self.undo_button, self.redo_button, self.next_button):
+            row.addWidget(button)
         layout.addLayout(row)
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
@@ -96,10 +103,14 @@ class MicrographTable(QWidget):
         self.table.cellClicked.connect(self._clicked)
         self.table.itemChanged.connect(self._item_changed)
         self.next_button.clicked.connect(self.go_next)
+        self.undo_button.clicked.connect(lambda *_: loop.undo())
+        self.redo_button.clicked.connect(lambda *_: loop.redo())
+        loop.connect("undo", self._undo_changed)
+        self._undo_changed(loop)
         for what in ("micrographs", "labels", "picks", "threshold", "review", "model"):
             loop.connect(what, self._schedule)
         loop.viewer.dims.events.current_step.connect(self._show_current)
-        self.destroyed.connect(lambda *_: loop.disconnect(self._schedule))
+        self.destroyed.connect(lambda *_: (loop.disconnect(self._schedule), loop.disconnect(self._undo_changed)))
         self.refresh()
 
     def rows_height(self, rows: int) -> int:
@@ -108,6 +119,10 @@ class MicrographTable(QWidget):
         row = t.rowHeight(0) if t.rowCount() else t.verticalHeader().defaultSectionSize()
         return (t.horizontalHeader().height() + rows * row + 2 * t.frameWidth()
                 + max(self.current.sizeHint().height(), self.next_button.sizeHint().height()) + 16)
+
+    def _undo_changed(self, loop) -> None:
+        self.undo_button.setEnabled(loop.can_undo)
+        self.redo_button.setEnabled(loop.can_redo)
 
     def _schedule(self, *_):
         self._timer.start()
@@ -213,9 +228,15 @@ class PupickPanel(QWidget):
         splitter.setChildrenCollapsible(False)
         self.splitter = splitter
         self._sized = False
+        self.keys = QLabel(shortcut_help())
+        self.keys.setWordWrap(True)
+        self.keys.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.keys.setToolTip("<br>".join(f"<b>{key}</b>: {what}" for key, _, what in SHORTCUTS))
+        self.keys.setStyleSheet("color: #9aa0a8; font-size: 11px")
         layout = QVBoxLayout(self)
         layout.setContentsMargins(2, 2, 2, 2)
         layout.addWidget(splitter)
+        layout.addWidget(self.keys)
         self.setMinimumWidth(420)
 
     def showEvent(self, event):
