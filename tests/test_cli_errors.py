@@ -13,8 +13,6 @@ from napari_pupick.io import write_coordinates, write_micrograph
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    import torch
-
     from napari_pupick.models import build_model
     from napari_pupick.training import Checkpoint
 
