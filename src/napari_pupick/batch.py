@@ -421,14 +421,26 @@ def write_combined(items: Sequence[BatchItem], path, *, micrograph_ext: str | No
     return atomic_write([(path, write)])[0]
 
 
+def have_distributed() -> bool:
+    """Whether dask.distributed can be imported (found without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("distributed") is not None
+
+
+def require_distributed() -> None:
+    """Raise PupickError unless dask.distributed is installed."""
+    if not have_distributed():
+        raise PupickError("--workers and --scheduler need dask.distributed, which is not installed: pip install "
+                          "'napari-pupick[distributed]'")
+
+
 def start_client(workers: int | None = None, scheduler: str | None = None, threads_per_worker: int = 1):
     """A ``dask.distributed.Client``: on a new ``LocalCluster`` of ``workers`` processes, or joined to the
     scheduler at ``scheduler``. Raises PupickError when dask.distributed is not installed."""
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError:
-        raise PupickError("--workers and --scheduler need dask.distributed: pip install "
-                          "'napari-pupick[distributed]'") from None
+    require_distributed()
+    from distributed import Client, LocalCluster
+
     if scheduler:
         return Client(scheduler)
     cluster = LocalCluster(n_workers=int(workers), threads_per_worker=threads_per_worker, processes=True,

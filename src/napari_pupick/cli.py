@@ -2,15 +2,23 @@
 
 Every sub-command reads files, calls :mod:`napari_pupick.pipeline` (or the core) and writes files; nothing else.
 Coordinates on the command line and in files are in ORIGINAL micrograph pixels.
+
+Errors: every error is one line on stderr, ``pupick COMMAND: error: WHAT``, naming the file or flag and the
+problem; exit status 2 for bad usage (an argument that cannot be used, found before any file is read), 1 for a
+failure (a file that cannot be read or written, a training that cannot run), 130 for Ctrl-C. ``--debug`` (anywhere
+on the command line) lets the Python traceback through instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from pathlib import Path
+
+from napari_pupick.errors import PupickError, UsageError, WriteError
 
 __all__ = ["main", "build_parser"]
 
@@ -24,12 +32,44 @@ Run the whole loop on built-in synthetic data:  pupick demo
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see {self.prog} --help)\n")
+
+
+def _number(kind=float, minimum=None, strict=False):
+    """An argparse type: a finite number (an integer for ``kind=int``), at least (above, ``strict``) ``minimum``."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+        if minimum is not None and (value < minimum or (strict and value == minimum)):
+            raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {minimum:g}, not {text}")
+        return value
+
+    return parse
+
+
+POSITIVE = _number(float, 0, strict=True)
+NON_NEGATIVE = _number(float, 0)
+FINITE = _number(float)
+COUNT = _number(int, 1)
+NON_NEGATIVE_INT = _number(int, 0)
+
+
 def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
     g = p.add_argument_group("compute")
     if device:
         g.add_argument("--device", default="auto",
                        help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:1, mps [default: auto]")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=COUNT, default=None,
                    help="CPU threads for torch [default: $PUPICK_THREADS or 1 per process]")
     g.add_argument("--seed", type=int, default=0, help="random seed [default: 0]")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -45,7 +85,7 @@ def _downsample_arg(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pupick",
         description="Positive-unlabeled particle picking for cryo-EM micrographs (Topaz's method). "
         "Label a few particles, train, pick the rest.",
@@ -55,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     from napari_pupick import __version__
 
     parser.add_argument("--version", action="version", version=f"napari-pupick {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error (accepted anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     mic_help = "micrograph files (.mrc, .mrcs, .tif, .png, .jpg) or folders of them"
@@ -66,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--downsample", "-s", default=None, type=_downsample_arg,
                    help="integer binning factor, or auto (needs --radius) [default: auto with --radius, else 1]")
-    p.add_argument("--radius", "-r", type=float, default=None,
+    p.add_argument("--radius", "-r", type=POSITIVE, default=None,
                    help="particle radius in original pixels (chooses the binning as pupick train does)")
     p.add_argument("--method", choices=["gmm", "affine", "none"], default="gmm",
                    help="gmm: two-component mixture shared by all micrographs (carbon vs ice); "
@@ -81,21 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="coordinates of labelled particles (.star, .csv, Topaz .txt, .box, or a folder of "
                    "per-micrograph .star files)")
     p.add_argument("--negatives", help="coordinates of rejected picks (explicit negatives), same formats")
-    p.add_argument("--radius", "-r", type=float, required=True, help="particle radius in original pixels")
+    p.add_argument("--radius", "-r", type=POSITIVE, required=True, help="particle radius in original pixels")
     p.add_argument("--downsample", "-s", default="auto", type=_downsample_arg,
                    help="integer binning factor, or auto: chosen from --radius so the particle radius is about "
                    "12 binned pixels [default: auto]")
     p.add_argument("--normalize", dest="method", choices=["gmm", "affine", "none"], default="gmm",
                    help="micrograph normalization [default: gmm]")
-    p.add_argument("--expected", "-n", type=float, default=None,
+    p.add_argument("--expected", "-n", type=POSITIVE, default=None,
                    help="expected particles per micrograph (sets the class prior pi) [default: estimated from the "
                    "data in a first training round, printed]")
     p.add_argument("--objective", choices=["ge-binomial", "ge-kl", "nnpu", "pn"], default="ge-binomial",
                    help="training objective [default: ge-binomial]")
     p.add_argument("--model", default="conv3", help="conv3 or resnet8 [default: conv3]")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs")
-    p.add_argument("--steps", type=int, default=None, help="minibatches per epoch")
-    p.add_argument("--autoencoder", type=float, default=None,
+    p.add_argument("--epochs", type=COUNT, default=None, help="training epochs")
+    p.add_argument("--steps", type=COUNT, default=None, help="minibatches per epoch")
+    p.add_argument("--autoencoder", type=NON_NEGATIVE, default=None,
                    help="autoencoder regularization weight gamma (0 = off; helps below ~250 labels)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="calibrate (and later pick) on scores averaged over four 90-degree rotations: better picks "
@@ -114,14 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", required=True, help="checkpoint from pupick train")
     p.add_argument("-o", "--output", required=True,
                    help="output coordinates (.star, .csv, .txt, .box) or a folder with --per-micrograph")
-    p.add_argument("--radius", "-r", type=float, default=None,
+    p.add_argument("--radius", "-r", type=POSITIVE, default=None,
                    help="NMS radius in original pixels [default: the model's particle radius]")
-    p.add_argument("--threshold", "-t", type=float, default=None,
+    p.add_argument("--threshold", "-t", type=FINITE, default=None,
                    help="logit threshold [default: the model's calibrated threshold, printed by pupick train]")
     p.add_argument("--all-candidates", action="store_true",
                    help="write every candidate down to logit -6 (to filter by score later) instead of the picks "
                    "above the threshold")
-    p.add_argument("--margin", type=float, default=None,
+    p.add_argument("--margin", type=NON_NEGATIVE, default=None,
                    help="drop picks this close to the edge, original px [default: the model's: one particle radius, "
                    "or less where labels lie closer to the border]")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -129,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "which pupick train does with --tta]")
     p.add_argument("--per-micrograph", action="store_true",
                    help="one STAR file per micrograph in the output folder (RELION's coordinate import)")
-    p.add_argument("--box-size", type=float, default=None, help="box size for .box output [default: 2 x radius]")
+    p.add_argument("--box-size", type=POSITIVE, default=None,
+                   help="box size for .box output [default: 2 x radius]")
     p.add_argument("--format", choices=["star", "csv", "topaz", "box"], default=None,
                    help="format of the per-micrograph files [default: from --output's extension; star]")
     p.add_argument("--parts", default=None,
@@ -137,11 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "from them) [default: <output stem>_per_micrograph beside --output]")
     p.add_argument("--overwrite", action="store_true",
                    help="redo micrographs whose output is already complete (same model, same settings)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=COUNT, default=None,
                    help="pick on a dask.distributed LocalCluster of this many worker processes on this machine")
     p.add_argument("--scheduler", default=None,
                    help="dask.distributed scheduler address to join (many machines; see docs/cluster.md)")
-    p.add_argument("--retries", type=int, default=2,
+    p.add_argument("--retries", type=NON_NEGATIVE_INT, default=2,
                    help="retries of a micrograph whose worker was lost (with --workers/--scheduler) [default: 2]")
     _add_common(p)
 
@@ -151,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "threshold. Only micrographs present in the reference are evaluated.")
     p.add_argument("picks", help="picks with scores")
     p.add_argument("--truth", required=True, help="reference particle coordinates")
-    p.add_argument("--radius", "-r", type=float, required=True, help="match radius in original pixels")
+    p.add_argument("--radius", "-r", type=POSITIVE, required=True, help="match radius in original pixels")
     p.add_argument("--json", help="also write the figures to this JSON file")
 
     p = sub.add_parser("convert", help="convert coordinates between STAR, CSV, Topaz .txt and EMAN .box",
@@ -159,22 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "keeping only picks with score >= --threshold.")
     p.add_argument("input", help="input coordinates (file, or folder of per-micrograph STAR files)")
     p.add_argument("output", help="output file, or folder with --per-micrograph")
-    p.add_argument("--threshold", "-t", type=float, default=None, help="keep picks with score >= this")
+    p.add_argument("--threshold", "-t", type=FINITE, default=None, help="keep picks with score >= this")
     p.add_argument("--model", "-m", default=None,
                    help="keep picks at or above this model's calibrated threshold (instead of --threshold)")
     p.add_argument("--per-micrograph", action="store_true", help="one STAR file per micrograph")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply coordinates by this factor")
-    p.add_argument("--box-size", type=float, default=None, help="box size for .box output")
+    p.add_argument("--scale", type=POSITIVE, default=1.0, help="multiply coordinates by this factor")
+    p.add_argument("--box-size", type=POSITIVE, default=None, help="box size for .box output")
 
     p = sub.add_parser("pretrain", help="pretrain a general starting model on varied synthetic micrographs",
                        description="Supervised pretraining on synthetic micrographs of varied particles, sizes, "
                        "crowding, SNR (0.01-0.3), quantized sources, carbon edges, ice and contamination. The "
                        "result can start training (pupick train --init FILE); the package ships one made this way.")
     p.add_argument("-o", "--output", required=True, help="checkpoint file to write (.pt)")
-    p.add_argument("--steps", type=int, default=3000, help="optimisation steps [default: 3000]")
+    p.add_argument("--steps", type=COUNT, default=3000, help="optimisation steps [default: 3000]")
     p.add_argument("--model", default="conv3", help="conv3 or resnet8 [default: conv3]")
-    p.add_argument("--batch-size", type=int, default=16, help="tiles per step [default: 16]")
-    p.add_argument("--groups", type=int, default=12,
+    p.add_argument("--batch-size", type=COUNT, default=16, help="tiles per step [default: 16]")
+    p.add_argument("--groups", type=COUNT, default=12,
                    help="synthetic groups (each with its own conditions) in the pool [default: 12]")
     _add_common(p)
 
@@ -190,10 +233,127 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Make synthetic micrographs, take sparse labels, train, extract, evaluate, "
                        "and write STAR files and a PNG of the picks.")
     p.add_argument("-o", "--output", default="demo_out", help="output folder [default: demo_out]")
-    p.add_argument("--micrographs", type=int, default=8, help="number of synthetic micrographs [default: 8]")
-    p.add_argument("--labels", type=int, default=40, help="labelled particles [default: 40]")
+    p.add_argument("--micrographs", type=COUNT, default=8, help="number of synthetic micrographs [default: 8]")
+    p.add_argument("--labels", type=COUNT, default=40, help="labelled particles [default: 40]")
     _add_common(p)
     return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks of the arguments, before any file is read
+
+
+def _writable_folder(folder: Path, flag: str, target: Path) -> None:
+    """The nearest existing folder at or above ``folder`` must be a folder we can create files in."""
+    from napari_pupick.io.atomic import temp_path
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {target}: {existing} is a file, not a folder")
+    try:
+        temp_path(existing / ".pupick-write-test").unlink()
+    except OSError as exc:
+        raise WriteError(f"{flag} {target}: cannot write into {existing} ({exc.strerror or exc})") from None
+
+
+def _output_file(path, flag: str) -> None:
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{flag} {target}: is a folder; give a file name")
+    _writable_folder(target.parent, flag, target)
+
+
+def _output_folder(path, flag: str) -> None:
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{flag} {target}: exists and is not a folder")
+    _writable_folder(target, flag, target)
+
+
+def _input(path, flag: str) -> None:
+    if not Path(path).exists():
+        raise UsageError(f"{flag} {path}: no such file or folder")
+
+
+def _model_file(path, flag: str) -> None:
+    from napari_pupick.training import checkpoint_problem
+
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {p}: is a folder, not a model checkpoint")
+    if not p.is_file():
+        raise UsageError(f"{flag} {p}: no such file")
+    why = checkpoint_problem(p)
+    if why:
+        raise UsageError(f"{flag} {p}: not a napari-pupick checkpoint ({why}); give the .pt file pupick train wrote")
+
+
+def _check_distributed(args) -> None:
+    if getattr(args, "workers", None) or getattr(args, "scheduler", None):
+        from napari_pupick.batch import have_distributed, require_distributed
+
+        if not have_distributed():
+            try:
+                require_distributed()
+            except PupickError as exc:
+                raise UsageError(str(exc)) from None
+
+
+def _check_args(args) -> None:
+    """Refuse arguments that cannot work (UsageError, exit 2; WriteError for an unwritable output, exit 1)."""
+    cmd = args.command
+    if cmd == "normalize":
+        if args.downsample == "auto" and args.radius is None:
+            raise UsageError("--downsample auto needs --radius")
+        _output_folder(args.output, "-o")
+    elif cmd == "train":
+        _input(args.labels, "--labels")
+        if args.negatives:
+            _input(args.negatives, "--negatives")
+        if args.init not in ("default", "general", "none"):
+            _model_file(args.init, "--init")
+        _output_file(args.output, "-o")
+    elif cmd == "extract":
+        _model_file(args.model, "--model")
+        _check_distributed(args)
+        if args.per_micrograph:
+            _output_folder(args.output, "-o")
+        else:
+            _output_file(args.output, "-o")
+        if args.parts:
+            _output_folder(args.parts, "--parts")
+    elif cmd == "evaluate":
+        _input(args.picks, "picks")
+        _input(args.truth, "--truth")
+        if args.json:
+            _output_file(args.json, "--json")
+    elif cmd == "convert":
+        _input(args.input, "input")
+        if args.model is not None:
+            if args.threshold is not None:
+                raise UsageError("give --threshold or --model, not both")
+            _model_file(args.model, "--model")
+        if args.per_micrograph:
+            _output_folder(args.output, "output")
+        else:
+            _output_file(args.output, "output")
+    elif cmd == "pretrain":
+        _output_file(args.output, "-o")
+    elif cmd == "demo":
+        _output_folder(args.output, "-o")
+
+
+def _read_checked(path):
+    """A micrograph that can be used: not blank (a blank one cannot be normalized or picked)."""
+    from napari_pupick.errors import MicrographError
+    from napari_pupick.io import read_micrograph
+
+    image = read_micrograph(path)
+    if image.size and float(image.min()) == float(image.max()):
+        raise MicrographError(f"{path}: the micrograph is blank (every pixel is {float(image.min()):g}); remove it")
+    return image
 
 
 def _threads(args) -> int:
@@ -207,17 +367,17 @@ def _threads(args) -> int:
 def _read_micrographs(specs, quiet=False):
     from tqdm.auto import tqdm
 
-    from napari_pupick.io import list_micrographs, micrograph_name, read_micrograph
+    from napari_pupick.io import list_micrographs, micrograph_name
 
     paths = list_micrographs(specs)
-    images = [read_micrograph(p) for p in tqdm(paths, desc="read", unit="mic", disable=quiet)]
+    images = [_read_checked(p) for p in tqdm(paths, desc="read", unit="mic", disable=quiet)]
     return paths, [micrograph_name(p) for p in paths], images
 
 
 def cmd_normalize(args) -> int:
     from tqdm.auto import tqdm
 
-    from napari_pupick.io import list_micrographs, micrograph_name, read_micrograph, write_micrograph
+    from napari_pupick.io import list_micrographs, micrograph_name, write_micrograph
     from napari_pupick.io.atomic import write_json
     from napari_pupick.preprocess import Preprocessor
 
@@ -232,13 +392,10 @@ def cmd_normalize(args) -> int:
         print(binning.describe())
         if binning.warning:
             print(f"warning: {binning.warning}", file=sys.stderr)
-    elif factor == "auto":
-        print("pupick normalize: error: --downsample auto needs --radius", file=sys.stderr)
-        return 2
     pre = Preprocessor(downsample=factor or 1, method=args.method)
     # one pass over the files: each is read and binned as it comes, the mixture is fit on the binned images
-    reading = (read_micrograph(p) for p in tqdm(paths, desc="read and bin", unit="mic", disable=args.quiet))
-    normalized = pre.fit_transform(reading)
+    with tqdm(paths, desc="read and bin", unit="mic", disable=args.quiet) as bar:  # closed before an error prints
+        normalized = pre.fit_transform(_read_checked(p) for p in bar)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for name, image in tqdm(list(zip(names, normalized)), desc="write", unit="mic", disable=args.quiet):
@@ -314,16 +471,31 @@ def cmd_extract(args) -> int:
     print(result.summary())
     where = f"{combined} and {folder}/" if combined is not None else f"{folder}/"
     print(f"picks of {len(result.done) + len(result.skipped)} of {len(paths)} micrographs in {where}")
-    return 0 if result.ok else 1
+    if not result.ok:
+        path, reason = result.failed[0]
+        more = f" (and {len(result.failed) - 1} more, listed above)" if len(result.failed) > 1 else ""
+        print(f"pupick extract: error: {len(result.failed)} of {len(paths)} micrograph(s) failed: {path}: "
+              f"{' '.join(str(reason).split())}{more}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_evaluate(args) -> int:
     from napari_pupick.io import read_coordinates
     from napari_pupick.metrics import evaluate
 
+    from napari_pupick.errors import CoordinateError
+
     picks = read_coordinates(args.picks)
     truth = read_coordinates(args.truth)
     names = set(truth["micrograph"])
+    if len(picks) and not picks["micrograph"].isin(names).any():
+        def some(values):
+            values = sorted(set(map(str, values)))
+            return ", ".join(values[:3]) + (f" and {len(values) - 3} more" if len(values) > 3 else "")
+
+        raise CoordinateError(f"{args.picks} and {args.truth} have no micrograph in common (picks: {some(picks['micrograph'])}; "
+                              f"truth: {some(names)}): nothing to evaluate")
     picks = picks[picks["micrograph"].isin(names)]
     if picks["score"].isna().all():
         picks = picks.assign(score=0.0)
@@ -346,14 +518,10 @@ def cmd_convert(args) -> int:
     if args.model is not None:
         from napari_pupick.training import Checkpoint
 
-        if threshold is not None:
-            print("pupick convert: error: give --threshold or --model, not both", file=sys.stderr)
-            return 2
         t = (Checkpoint.load(args.model).metrics or {}).get("threshold")
         if t is None:
-            print(f"pupick convert: error: {args.model} has no calibrated threshold (trained before calibration was "
-                  f"added): give --threshold", file=sys.stderr)
-            return 2
+            raise UsageError(f"--model {args.model}: has no calibrated threshold (trained before calibration was "
+                             f"added): give --threshold")
         threshold = float(t)
         print(f"threshold {threshold:.2f} from {args.model}")
     if threshold is not None:
@@ -410,27 +578,35 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    """Entry point of ``pupick`` and ``python -m napari_pupick``."""
-    from napari_pupick.errors import PupickError
-
+    """Entry point of ``pupick`` and ``python -m napari_pupick`` (exit status: see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["relion"]:  # RELION's External job: exit files are written even for bad arguments
         from napari_pupick.relion import main as relion_main
 
         return relion_main(argv[1:])
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # bad usage: one line, SystemExit(2)
     if not args.command:
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
+    name = f"pupick {args.command}"
     try:
+        _check_args(args)
         return COMMANDS[args.command](args)
-    except (PupickError, FileNotFoundError) as exc:
-        print(f"pupick {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print(f"pupick {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if debug:
+            raise
+        if isinstance(exc, (PupickError, OSError)):
+            message = str(exc) or type(exc).__name__
+        else:  # a bug: say so in one line; --debug shows where
+            message = f"internal error ({type(exc).__name__}: {exc}); run again with --debug for the traceback"
+        print(f"{name}: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

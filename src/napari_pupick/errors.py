@@ -23,3 +23,7 @@ class ModelError(PupickError, ValueError):
 
 class WriteError(PupickError, OSError):
     """A file could not be written (read-only or full disk, a folder in the way...); the target is unchanged."""
+
+
+class UsageError(PupickError, ValueError):
+    """A command-line argument that cannot be used (``pupick`` exits with status 2)."""

@@ -288,12 +288,18 @@ class Checkpoint:
             If the file is missing, not a torch file, or not a napari-pupick checkpoint.
         """
         path = Path(path)
+        if path.is_dir():
+            raise ModelError(f"{path}: is a folder, not a checkpoint file")
         if not path.is_file():
             raise ModelError(f"{path}: no such checkpoint file")
+        looks = checkpoint_problem(path)
+        if looks:
+            raise ModelError(f"{path}: not a napari-pupick checkpoint ({looks}; pupick train writes one, a .pt file)")
         try:
             d = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as exc:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError...)
-            raise ModelError(f"{path}: not a readable napari-pupick checkpoint ({type(exc).__name__}: {exc})") \
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ModelError(f"{path}: not a readable napari-pupick checkpoint ({type(exc).__name__}: {first})") \
                 from None
         if not isinstance(d, dict) or d.get("format") != CHECKPOINT_FORMAT:
             raise ModelError(f"{path}: not a napari-pupick checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
@@ -301,12 +307,38 @@ class Checkpoint:
             raise ModelError(f"{path}: checkpoint version {d.get('version')} is newer than this napari-pupick "
                              f"reads ({CHECKPOINT_VERSION}); upgrade napari-pupick")
         try:
-            return cls(model=d["model"], model_params=dict(d["model_params"]), state_dict=dict(d["state_dict"]),
+            ckpt = cls(model=d["model"], model_params=dict(d["model_params"]), state_dict=dict(d["state_dict"]),
                        preprocess=dict(d.get("preprocess") or {}), config=dict(d.get("config") or {}),
                        history=list(d.get("history") or []), metrics=dict(d.get("metrics") or {}),
                        created=str(d.get("created", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{path}: incomplete napari-pupick checkpoint (missing {exc})") from None
+        bad = [k for k, v in ckpt.state_dict.items()
+               if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ModelError(f"{path}: the checkpoint's weights hold NaN or infinite values ({len(bad)} of "
+                             f"{len(ckpt.state_dict)} tensors, e.g. {bad[0]}); it cannot score micrographs")
+        return ckpt
+
+
+def checkpoint_problem(path) -> str:
+    """Why the file cannot be a checkpoint from its first bytes ('' when it may be one): torch writes zip files."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # torch's zip format, or a legacy pickle
+        return ""
+    if not head:
+        return "the file is empty"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not a torch file"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"a text file starting {first!r}" + (": coordinates?" if text.lstrip().startswith(("data_", "#", "_rln"))
+                                                  or "," in first else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------

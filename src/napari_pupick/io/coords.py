@@ -171,7 +171,7 @@ def _standardise(df: pd.DataFrame, path, default_name: str | None, fmt: str, fro
         raise CoordinateError(f"{path}: no particle coordinates: found columns [{found}]; need {_NEEDED[fmt]}")
     n = len(df)
     if cols["micrograph"] is not None:
-        raw = df[cols["micrograph"]].astype(str)
+        raw = df[cols["micrograph"]].map(lambda v: v if isinstance(v, str) else str(v))
         names = raw.map({v: micrograph_name(v.strip()) for v in raw.unique()}).tolist() if from_file else \
             raw.tolist()
     else:
@@ -404,8 +404,10 @@ def _check_names(table: pd.DataFrame, path, fmt: str, per_micrograph: bool) -> N
             problem = "starts or ends with whitespace (readers strip it)"
         elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
             problem = "holds a control character (tab, line break...)"
-        elif per_micrograph and (name.startswith(".") or "/" in name or "\\" in name or "\0" in name):
-            problem = "cannot be used as a file name (hidden, or holds a path separator)"
+        elif "/" in name or "\\" in name:
+            problem = "holds a path separator (readers take what follows the last one as the name)"
+        elif per_micrograph and (name.startswith(".") or "\0" in name):
+            problem = "cannot be used as a file name (hidden, or holds a NUL)"
         elif per_micrograph and any(name.endswith(s) for s in PER_MICROGRAPH_SUFFIXES):
             problem = f"ends in a suffix ({', '.join(PER_MICROGRAPH_SUFFIXES)}) that readers strip from file names"
         elif fmt == "star" and not per_micrograph:
