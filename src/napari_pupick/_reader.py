@@ -36,7 +36,10 @@ __all__ = [
     "COORDINATE_EXTENSIONS",
     "POINTS_STYLE",
     "get_coordinate_reader",
+    "FOLDER_PATTERN",
     "get_micrograph_reader",
+    "open_folders_with_pupick",
+    "opens_folders",
     "points_layer_data",
     "read_micrographs",
     "read_points",
@@ -54,6 +57,37 @@ POINTS_STYLE = {
     "symbol": "o",
 }
 DEFAULT_POINT_SIZE = 20.0
+
+
+#: napari's reader preference pattern that matches every folder (napari tests ``<real path>/`` against it).
+FOLDER_PATTERN = "*" + os.sep
+
+
+def open_folders_with_pupick(enable: bool = True) -> None:
+    """Make napari open folders (File > Open Folder, ``viewer.open(folder)``) with this plugin, without the "Choose
+    reader" dialog (``enable=False``: undo that).
+
+    napari offers its builtin reader for every folder too, so without a preference it asks each time and
+    preselects its own, which cannot read MRC files. This stores the preference in napari's settings
+    (``plugins.extension2reader``, as the dialog's "Remember this choice" does, but for every folder). A folder
+    this plugin cannot read (no micrographs, no coordinate files) then shows napari's dialog with the others.
+    """
+    from napari.settings import get_settings
+
+    plugins = get_settings().plugins
+    prefs = dict(plugins.extension2reader)
+    if enable:
+        prefs[FOLDER_PATTERN] = "napari-pupick"
+    elif prefs.get(FOLDER_PATTERN) == "napari-pupick":
+        del prefs[FOLDER_PATTERN]
+    plugins.extension2reader = prefs
+
+
+def opens_folders() -> bool:
+    """Whether napari opens folders with this plugin (see :func:`open_folders_with_pupick`)."""
+    from napari.settings import get_settings
+
+    return get_settings().plugins.extension2reader.get(FOLDER_PATTERN) == "napari-pupick"
 
 
 def _as_list(path) -> list[str]:

@@ -20,8 +20,8 @@ def test_particle_first_and_binning_shown(sample_viewer):
     assert "pixel size unknown" in pre.particle_info.text()
     pre.loop.micrograph_layer.metadata["pixel_size"] = 1.5
     pre.radius.value = 60
-    assert "binning 5 (auto)" in pre.binning_info.text() and "7.5 A per binned pixel" in pre.binning_info.text()
-    assert "90 A" in pre.particle_info.text()
+    assert "binning 5 (auto)" in pre.binning_info.text() and "7.5 \u00c5 per binned pixel" in pre.binning_info.text()
+    assert "= 90 \u00c5" in pre.particle_info.text()
     pre.downsample.value = 1
     assert "too large" in pre.binning_info.text()
 

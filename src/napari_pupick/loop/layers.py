@@ -80,6 +80,8 @@ class LayersMixin:
             self.normalized_layer = self._insert_above(layer, self.micrograph_layer)
         self.micrograph_layer.visible = False
         self.normalized_layer.contrast_limits = (-3.0, 3.0)
+        # a smooth display of the binned image (labels are clicked on it): not napari's blocky nearest pixels
+        self.normalized_layer.interpolation2d = "linear"
         if self._alive(self.scores_layer):
             self.viewer.layers.remove(self.scores_layer)
             self.scores_layer = None
@@ -131,6 +133,9 @@ class LayersMixin:
     def _find_points(self, name: str):
         if name in self.viewer.layers:
             layer = self.viewer.layers[name]
+            names = (layer.metadata or {}).get("micrograph_names")
+            if names and [str(n) for n in names] != list(self.names):
+                return None  # labels of other micrographs (another stack opened since)
             if type(layer).__name__ == "Points" and layer.ndim == (3 if self.stacked else 2):
                 return layer
         return None
@@ -162,10 +167,25 @@ class LayersMixin:
             return self.picks_layer
         with self._programmatic():
             layer = self._new_points(PICKS, _PICK_STYLE, features=pd.DataFrame({"score": np.zeros(0)}))
+        if self.show_boxes:
+            layer.symbol = "square"
+            layer.current_symbol = "square"
         layer.events.data.connect(self._on_picks_data)
         layer.events.features.connect(self._on_picks_features)
         self.picks_layer = layer
         return layer
+
+    def set_boxes(self, boxes: bool = True) -> None:
+        """Draw the picks as boxes of the extraction box size (2 x radius, as the exports' box files) instead
+        of circles."""
+        self.show_boxes = bool(boxes)
+        layer = self.picks_layer
+        if self._alive(layer):
+            symbol = "square" if self.show_boxes else "o"
+            with self._programmatic():
+                if len(layer.data):
+                    layer.symbol = symbol
+                layer.current_symbol = symbol
 
     def _set_plane_picks(self, plane: int, picks: pd.DataFrame) -> None:
         """Replace the picks of one plane (picks within half a radius of a rejected pick stay rejected)."""
@@ -197,6 +217,8 @@ class LayersMixin:
             layer.data = np.asarray(data, float).reshape(-1, ndim)
             layer.features = pd.DataFrame({"score": np.asarray(score, float)})
             layer.size = 2 * self.radius
+            if self.show_boxes and len(layer.data):
+                layer.symbol = "square"
         self._apply_threshold()
 
     def reextract(self, radius: float | None = None, margin: float | None = None) -> None:

@@ -74,6 +74,7 @@ class Session:
         self.nms_radius: float | None = None
         self.margin: float | None = None  # None: the model's margin (one particle radius before a model)
         self.device = "auto"
+        self.show_boxes = False  # picks drawn as boxes of the extraction box (2 x radius) instead of circles
         self.reviewed: set[str] = set()  # micrographs marked reviewed (exports can keep only these)
         self.history: list = []  # TrainEvents of the current/last training run
         self._trainer = None
@@ -150,6 +151,11 @@ class Session:
 
         return choose_downsample(self.radius, self.pixel_size, self.downsample if downsample is None else downsample)
 
+    def in_angstrom(self, pixels: float) -> str:
+        """``"12 px"``, or ``"12 px = 18 Å"`` when the pixel size is known."""
+        px = self.pixel_size if self.micrograph_layer is not None else None
+        return f"{pixels:g} px" + (f" = {pixels * px:.3g} \u00c5" if px else "")
+
     def effective_margin(self) -> float:
         """The edge margin in original pixels: set by hand, else the model's, else one particle radius."""
         from napari_pupick.calibration import model_margin
@@ -177,6 +183,11 @@ class Session:
         new = self.micrograph_layer is not layer
         if new:
             self.prepared, self.scores, self.preprocessor, self.mixture = {}, {}, None, None
+            if self.micrograph_layer is not None:  # the old micrographs' layers stay, no longer the session's
+                self.positives_layer = self.negatives_layer = self.picks_layer = self.scores_layer = None
+                self.normalized_layer = None
+                self._undo.clear()
+                self._redo.clear()
         self.micrograph_layer = layer
         self.names = [str(x) for x in names]
         radius = (layer.metadata or {}).get("radius")

@@ -12,7 +12,8 @@ from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QScrollArea, QSize
 from napari_pupick.errors import PupickError
 from napari_pupick.loop import LoopEvent, PickLoop
 
-__all__ = ["Job", "JobError", "PupickWidget", "heading", "hbox", "install_shortcuts", "text_label", "warm_up"]
+__all__ = ["Job", "JobError", "PupickWidget", "heading", "hbox", "install_shortcuts", "text_label", "warm_up",
+           "wrap_path"]
 
 _WARM_UP = None
 
@@ -85,6 +86,11 @@ def text_label(text: str = "") -> QLabel:
     label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
     label.setMinimumWidth(50)
     return label
+
+
+def wrap_path(path) -> str:
+    """A path a word-wrapped label can break after each ``/`` (zero-width spaces), so it is shown whole."""
+    return str(path).replace("/", "/\u200b").replace("\\", "\\\u200b")
 
 
 def heading(text: str) -> QLabel:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, LineEdit, PushButton
 
-from napari_pupick.widgets._common import PupickWidget, heading, text_label
+from napari_pupick.widgets._common import PupickWidget, heading, text_label, wrap_path
 
 __all__ = ["ExportWidget"]
 
@@ -57,6 +57,8 @@ class ExportWidget(PupickWidget):
             self.path.value = str(base.with_suffix(_EXT[self.format.value]))
 
     def _summarize(self, loop) -> None:
+        if "failed" in self.status.text():  # an error about picks that did not exist yet is stale now
+            self.status.setText("")
         layer = loop.picks_layer
         if layer is None or layer not in self.viewer.layers or not len(layer.data):
             self.summary.setText("no picks yet: run Predict first")
@@ -76,8 +78,9 @@ class ExportWidget(PupickWidget):
             n = len(written) if isinstance(written, list) else 1
             table = self.loop.picks_table()
             count = int(table["micrograph"].isin(self.loop.reviewed).sum()) if reviewed else len(table)
-            self.status.setText(f"wrote {count} picks to {path}" + (f" ({n} files)" if per else ""))
+            self.status.setText(f"wrote {count} picks" + (f" ({n} files)" if per else "") + f" to {wrap_path(path)}")
+            self.status.setToolTip(str(path))
             from napari.utils.notifications import show_info
 
-            show_info(f"Exported {count} picks to {path}")
+            show_info(f"Exported {count} picks to\n{path}")  # the path on a line of its own: shown whole
         return written

@@ -29,12 +29,17 @@ class PredictWidget(PupickWidget):
                                    step=1, tooltip="Drop picks closer than this to the micrograph border (default: "
                                                    "the model's, chosen from the particle radius and the labels)")
         self.heatmap = CheckBox(text="show score heatmap", value=True)
+        self.boxes = CheckBox(text="picks as boxes", value=self.loop.show_boxes,
+                              tooltip="Draw each pick as its extraction box (2 x radius, as the box exports) "
+                                      "instead of a circle")
+        self.units = text_label()
         self.form = Container(widgets=[self.nms_radius, self.margin], labels=True)
         self.form.margins = (0, 0, 0, 0)
         self.body.addWidget(heading("Score"))
         self.body.addWidget(hbox(self.current_button, self.all_button))
         self.body.addWidget(self.form.native)
-        self.body.addWidget(self.heatmap.native)
+        self.body.addWidget(self.units)
+        self.body.addWidget(hbox(self.heatmap, self.boxes))
 
         self.body.addWidget(heading("Threshold"))
         self.plot = HistogramPlot()
@@ -63,6 +68,12 @@ class PredictWidget(PupickWidget):
         self.nms_radius.changed.connect(self._extraction_changed)
         self.margin.changed.connect(self._extraction_changed)
         self.heatmap.changed.connect(self._toggle_heatmap)
+        self.boxes.changed.connect(lambda v: self.loop.set_boxes(bool(v)))
+        self.nms_radius.changed.connect(self._show_units)
+        self.margin.changed.connect(self._show_units)
+        self.subscribe("micrographs", self._show_units)
+        self.subscribe("particle", self._show_units)
+        self.subscribe("model", self._show_units)
         self.viewer.dims.events.current_step.connect(self._update_counts)
         self.subscribe("picks", self._picks_changed)
         self.subscribe("threshold", self._threshold_changed)
@@ -71,6 +82,7 @@ class PredictWidget(PupickWidget):
         self.subscribe("particle", self._micrographs_changed)
         self._set_range(self.threshold.min, self.threshold.max)
         self._model_changed(self.loop)
+        self._show_units()
         warm_up()
 
     def busy_widgets(self) -> list:
@@ -143,6 +155,12 @@ class PredictWidget(PupickWidget):
             self.report(lambda: self.loop.reextract(radius or None, margin), "Re-extract picks")
         else:
             self.loop.nms_radius, self.loop.margin = radius or None, margin
+
+    def _show_units(self, *_):
+        """NMS radius, edge margin and box size in pixels, and in Angstrom when the pixel size is known."""
+        loop = self.loop
+        self.units.setText(f"NMS radius {loop.in_angstrom(float(self.nms_radius.value))} · edge margin "
+                           f"{loop.in_angstrom(float(self.margin.value))} · box {loop.in_angstrom(2 * loop.radius)}")
 
     def _toggle_heatmap(self, value) -> None:
         layer = self.loop.scores_layer

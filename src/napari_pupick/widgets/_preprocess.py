@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton, SpinBox
 
-from napari_pupick.widgets._common import PupickWidget, heading, text_label
+from napari_pupick._reader import open_folders_with_pupick, opens_folders
+from napari_pupick.widgets._common import PupickWidget, heading, text_label, wrap_path
 from napari_pupick.widgets._plot import MixturePlot
 
 __all__ = ["PreprocessWidget"]
 
 _BINNING = [("auto", "auto")] + [(str(k), k) for k in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)]
 _METHODS = [("GMM (dataset-wide mixture)", "gmm"), ("affine (mean / std)", "affine"), ("none", "none")]
+
+
+def describe_mixture(gmm) -> str:
+    """The fitted mixture in normalized units (the dominant component is mean 0, sd 1 by construction)."""
+    mu, sd = gmm.dominant
+    share = gmm.p if gmm.p < 0.5 else 1.0 - gmm.p  # the other component's share of the pixels
+    other_mu, other_sd = (gmm.mu1, gmm.s1) if gmm.p < 0.5 else (gmm.mu0, gmm.s0)
+    if share <= 0 or sd <= 0:
+        return "mixture: one component (ice): mean 0, sd 1"
+    return (f"mixture (normalized units): ice mean 0, sd 1 ({1 - share:.0%} of the pixels); other component "
+            f"mean {(other_mu - mu) / sd:+.2f}, sd {other_sd / sd:.2f} ({share:.0%})")
 
 
 class PreprocessWidget(PupickWidget):
@@ -33,6 +45,11 @@ class PreprocessWidget(PupickWidget):
         self.particle_info = text_label()
         self.body.addWidget(self.particle_info)
 
+        self.open_button = PushButton(text="Open micrographs...")
+        self.open_button.tooltip = "A folder of MRC / MRCS / TIFF micrographs of one size, opened as one stack"
+        self.folders = CheckBox(text="File > Open Folder opens with napari-pupick", value=opens_folders(),
+                                tooltip="Store napari's reader preference for folders (no 'Choose reader' "
+                                        "dialog); untick to give folders back to napari's choice")
         self.layer = ComboBox(label="micrographs", choices=self._image_layers, nullable=False)
         self.downsample = ComboBox(label="binning", choices=_BINNING, value="auto",
                                    tooltip="auto: the factor that makes the particle radius about 12 binned px "
@@ -42,6 +59,8 @@ class PreprocessWidget(PupickWidget):
         self.form = Container(widgets=[self.layer, self.downsample, self.method, self.run_button], labels=True)
         self.form.margins = (0, 0, 0, 0)
         self.body.addWidget(heading("Micrographs"))
+        self.body.addWidget(self.open_button.native)
+        self.body.addWidget(self.folders.native)
         self.body.addWidget(self.form.native)
         self.binning_info = text_label()
         self.body.addWidget(self.binning_info)
@@ -51,8 +70,12 @@ class PreprocessWidget(PupickWidget):
         self.label_button = PushButton(text="Label particles (positives layer)")
         self.body.addWidget(heading("Labels"))
         self.body.addWidget(self.label_button.native)
+        self.labels_info = text_label()
+        self.body.addWidget(self.labels_info)
 
         self.run_button.changed.connect(self.run)
+        self.open_button.changed.connect(lambda *_: self.open_micrographs())
+        self.folders.changed.connect(lambda v: open_folders_with_pupick(bool(v)))
         self.label_button.changed.connect(self.add_positives)
         self.layer.changed.connect(self._layer_changed)
         self.radius.changed.connect(lambda v: self.report(lambda: self.loop.set_particle(radius=v), "radius"))
@@ -64,6 +87,8 @@ class PreprocessWidget(PupickWidget):
             event.connect(self._reset_choices)
         self.subscribe("micrographs", self._sync)
         self.subscribe("preprocessed", self._show_mixture)
+        self.subscribe("labels", self._labels_changed)
+        self.subscribe("micrographs", self._labels_changed)
         if self.loop.micrograph_layer is not None and self.loop.micrograph_layer in self.viewer.layers:
             self._sync(self.loop)  # a session started elsewhere (another widget, the console) keeps its layer
             if self.loop.mixture is not None:
@@ -108,13 +133,33 @@ class PreprocessWidget(PupickWidget):
         how = "auto" if b.auto else "set here"
         text = (f"binning {b.factor} ({how}): particle radius {b.radius:g} px -> {b.binned_radius:.3g} binned px")
         if px:
-            text += f"; {px:.3g} A/px -> {b.binned_pixel_size:.3g} A per binned pixel"
+            text += f"; {px:.3g} \u00c5/px -> {b.binned_pixel_size:.3g} \u00c5 per binned pixel"
         if b.warning:
             text += f"<br><span style='color:#ffb050'>{b.warning}</span>"
         self.binning_info.setText(text)
-        self.particle_info.setText(f"radius {b.radius:g} px = {b.radius * px:.0f} A (diameter "
-                                   f"{2 * b.radius * px:.0f} A)" if px else
+        self.particle_info.setText(f"radius {loop.in_angstrom(b.radius)} (diameter, the box: "
+                                   f"{loop.in_angstrom(2 * b.radius)})" if px else
                                    "pixel size unknown (not in the file header): sizes in pixels")
+
+    def open_micrographs(self, folder=None):
+        """Open a folder of micrographs (asks for one when ``folder`` is None) as one stack with this plugin's
+        reader and make it the session's micrographs; returns the new layer (None if cancelled or failed)."""
+        if folder is None:
+            from qtpy.QtWidgets import QFileDialog
+
+            folder = QFileDialog.getExistingDirectory(self, "Open micrographs (a folder of MRC / TIFF files)")
+            if not folder:
+                return None
+        layers = self.report(lambda: self.viewer.open(str(folder), plugin="napari-pupick"), "Open micrographs")
+        images = [la for la in layers or [] if type(la).__name__ == "Image"]
+        if not images:
+            if layers is not None:
+                self.status.setText(f"no micrographs in {wrap_path(folder)}")
+            return None
+        self._reset_choices()
+        self.layer.value = images[0]
+        self.status.setText(f"opened {len(self.loop.names)} micrograph(s) from {wrap_path(folder)}")
+        return images[0]
 
     def busy_widgets(self) -> list:
         return [self.run_button, self.layer, self.downsample, self.method]
@@ -133,8 +178,7 @@ class PreprocessWidget(PupickWidget):
         gmm = getattr(pre, "gmm", None)
         text = f"{len(loop.names)} micrograph(s) binned by {pre.downsample}, {pre.method} normalization"
         if gmm is not None:
-            text += (f"<br>mixture: p = {gmm.p:.2f}, mu = ({gmm.mu0:.3g}, {gmm.mu1:.3g}), "
-                     f"s = ({gmm.s0:.3g}, {gmm.s1:.3g})")
+            text += "<br>" + describe_mixture(gmm)
         self.status.setText(text)
         if self.downsample.value != "auto" and self.downsample.value != pre.downsample:
             self.downsample.value = pre.downsample if pre.downsample in dict(_BINNING).values() else "auto"
@@ -146,8 +190,17 @@ class PreprocessWidget(PupickWidget):
         layer = self.report(lambda: self.loop.add_positives_layer(self.radius.value, self.expected.value),
                             "Label particles")
         if layer is not None:
-            positives, _ = self.loop.labels()
-            self.status.setText(f"Click particles on layer '{layer.name}': {len(positives)} labels so far, on "
-                                f"{positives['micrograph'].nunique()} micrograph(s). Points go on the micrograph "
-                                "shown.")
+            self.status.setText(f"Click particles on layer '{layer.name}': points go on the micrograph shown.")
+            self._labels_changed(self.loop)
         return layer
+
+    def _labels_changed(self, loop) -> None:
+        """The count of labels, kept current (clicks, deletes, undo, corrections)."""
+        if loop.micrograph_layer is None or not loop._alive(loop.positives_layer):
+            self.labels_info.setText("")
+            return
+        positives, negatives = loop.labels()
+        text = f"{len(positives)} labelled particles on {positives['micrograph'].nunique()} micrograph(s)"
+        if len(negatives):
+            text += f", {len(negatives)} rejected picks"
+        self.labels_info.setText(text)
