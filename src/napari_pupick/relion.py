@@ -96,11 +96,10 @@ def read_coordinate_files(path) -> pd.DataFrame:
 
 
 def _write_star(path: Path, columns: list[str], rows, block: str) -> Path:
-    from napari_pupick.io.coords import _atomic_write, _write_text
+    from napari_pupick.io.atomic import write_text
     from napari_pupick.io.star import format_value, write_star_text
 
-    text = write_star_text(columns, [[format_value(v) for v in r] for r in rows], block)
-    return _atomic_write([(path, lambda tmp: _write_text(tmp, text))])[0]
+    return write_text(path, write_star_text(columns, [[format_value(v) for v in r] for r in rows], block))
 
 
 def write_output_nodes(job_dir, nodes: list[tuple[str, str]]) -> Path:
