@@ -31,7 +31,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 
 OBJECTIVES = ("ge-binomial", "ge-kl", "nnpu", "pn")
 

@@ -96,3 +96,60 @@ def test_same_seed_same_model(synth):
     assert a.best.metrics["threshold"] == b.best.metrics["threshold"]
     for k, v in a.best.state_dict.items():
         assert torch.equal(v, b.best.state_dict[k]), k
+
+
+def _inflate_loss_at(monkeypatch, call):
+    """Make the ``call``-th loss 1e3 times its value: the trainer sees a diverging loss there."""
+    from napari_pupick import training
+
+    real = training.compute_loss
+    calls = {"n": 0}
+
+    def inflated(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * 1e3 if calls["n"] == call else loss), terms
+
+    monkeypatch.setattr(training, "compute_loss", inflated)
+
+
+@pytest.mark.parametrize("call, round_", [(16, "final"), (4, "survey")])
+def test_divergence_keeps_the_last_good_weights_calibrated_and_raises(synth, monkeypatch, call, round_):
+    from napari_pupick.errors import TrainingError
+
+    _inflate_loss_at(monkeypatch, call)  # the survey's 12 steps come first, then round 2's
+    tr = training_run(synth.micrographs, synth.names, synth.labels, radius=10, seed=0, **TINY)
+    events = []
+    with pytest.raises(TrainingError, match=f"round {1 if round_ == 'survey' else 2}: training stopped at step "
+                                            f"{call - (12 if round_ == 'final' else 0)} .*diverged"):
+        for ev in tr.run():
+            events.append(ev)
+    assert events[-1].kind == "error"
+    best = tr.best
+    assert best is not None and best.metrics["round"] == round_
+    assert np.isfinite(best.metrics["threshold"]) and "diverged" in best.metrics["kept"]
+    scores = [float(v.float().abs().max()) for v in best.state_dict.values() if v.is_floating_point()]
+    assert all(np.isfinite(scores))
+    cands = tr.candidates(best)
+    assert np.isfinite(cands["score"]).all() and (cands["score"] >= best.metrics["threshold"]).any()
+
+
+def test_cli_train_that_diverges_writes_the_last_good_weights_and_fails(synth, monkeypatch, tmp_path, capsys):
+    from napari_pupick import cli
+    from napari_pupick.io import write_coordinates, write_micrograph
+    from napari_pupick.training import Checkpoint
+
+    (tmp_path / "mics").mkdir()
+    for name, im in zip(synth.names, synth.micrographs):
+        write_micrograph(tmp_path / "mics" / f"{name}.mrc", im)
+    write_coordinates(synth.labels, tmp_path / "labels.star")
+    _inflate_loss_at(monkeypatch, 15)
+    out = tmp_path / "model.pt"
+    rc = cli.main(["train", str(tmp_path / "mics"), "--labels", str(tmp_path / "labels.star"), "--radius", "10",
+                   "--downsample", "1", "--epochs", "2", "--steps", "6", "--init", "none", "--quiet",
+                   "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "round 2: training stopped at step 3" in err and str(out) in err
+    assert "Traceback" not in err
+    ckpt = Checkpoint.load(out)
+    assert ckpt.metrics["round"] == "final" and np.isfinite(ckpt.metrics["threshold"])

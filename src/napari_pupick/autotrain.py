@@ -18,6 +18,10 @@ enough to prefer an earlier epoch). Its ``metrics`` hold ``threshold``, ``expect
 ``picks_per_micrograph``, ``calibration`` (the survey's :class:`~napari_pupick.calibration.Calibration`) and
 ``kept`` (a sentence saying which model was kept and why).
 
+A diverging round (see :class:`~napari_pupick.training.Trainer`) ends the training like a stop: the last good
+weights (of that round, else the survey's) are calibrated and kept in ``best``, the closing event is ``"error"``
+and ``run()`` raises :class:`~napari_pupick.errors.TrainingError`, as ``Trainer`` does.
+
 Retraining (``calibration=`` the previous model's) skips the survey: the count is kept and the threshold is
 carried over by the number of picks, so a retrain after corrections costs one round.
 
@@ -34,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from napari_pupick.calibration import Calibration, calibrate, initial_expected, max_particles, threshold_for_count
+from napari_pupick.errors import TrainingError
 from napari_pupick.training import Checkpoint, TrainConfig, Trainer, TrainEvent
 
 __all__ = ["AutoTrainer", "HELDOUT_FRACTION", "MIN_HELDOUT"]
@@ -100,6 +105,7 @@ class AutoTrainer:
         self._stop = False
         self._kept: Checkpoint | None = None
         self._survey_ckpt: Checkpoint | None = None
+        self.error: str | None = None
         self._split()
         # Validate now (the Trainer raises on bad labels, names, settings) so errors surface before run().
         Trainer(self.images, self.names, self.positives, self._round_config(self._first_expected()),
@@ -205,8 +211,8 @@ class AutoTrainer:
             yield from self._drive(trainer, offset, total, calibrate_epochs=True)
             survey = _trained(trainer)
             offset += trainer.step
-            if survey is None:  # stopped before the first step
-                yield from self._finish(None, None, offset, total)
+            if survey is None or self.error is not None:  # stopped before the first step, or diverged
+                yield from self._finish(survey, None, offset, total)
                 return
             self._survey_ckpt = survey
             self.calibration = cal = self._calibrate(survey)
@@ -244,6 +250,10 @@ class AutoTrainer:
             trainer.stop()
         try:
             for ev in trainer.run():
+                if ev.kind == "error":  # diverged: the trainer restored its last good weights (it would raise next)
+                    self.error = (f"round {1 if self.round == 'survey' else 2}: " if self.surveying else "") + ev.message
+                    self._stop = True
+                    break
                 if ev.kind in ("start", "done"):
                     if ev.kind == "start":
                         yield TrainEvent("round", offset, 0, total, message=f"{self.round} round: {ev.message}")
@@ -267,7 +277,7 @@ class AutoTrainer:
             self._trainer = None
 
     def _finish(self, survey: Checkpoint | None, final: Checkpoint | None, step: int, total: int):
-        """Calibrate the model to keep, store it in ``best`` and yield the closing event."""
+        """Calibrate the model to keep, store it in ``best`` and yield the closing event (raise if it diverged)."""
         cal = self.calibration
         if final is not None:
             ckpt = final
@@ -286,10 +296,15 @@ class AutoTrainer:
             cal = cal or self._calibrate(survey)
             self.calibration = cal
             threshold = cal.threshold
-            which = f"the round-1 model ({len(self.trained)} labels; stopped before round 2)"
+            why = ("stopped before round 2" if self.error is None else "round 1 diverged" if self.round == "survey"
+                   else "round 2 diverged at its first step")
+            which = f"the round-1 model ({len(self.trained)} labels; {why})"
             kept_how = "its threshold is calibrated on the held-out labels"
         else:
             self._kept = None
+            if self.error is not None:
+                yield TrainEvent("error", step, 0, total, message=self.error)
+                raise TrainingError(self.error)
             yield TrainEvent("stopped", step, 0, total, message="stopped before the first step: no model to keep")
             return
         ref = cal or self.previous
@@ -311,12 +326,17 @@ class AutoTrainer:
                           preprocess=dict(ckpt.preprocess), config=dict(ckpt.config),
                           history=copy.deepcopy(self.history), metrics=metrics, created=ckpt.created)
         self._kept = ckpt
-        kind = "done" if final is not None and not self._stop else "stopped"
+        kind = "error" if self.error is not None else "done" if final is not None and not self._stop else "stopped"
         mon = self.monitor if ref is not None else None
         msg = metrics["kept"]
         if threshold is not None and math.isfinite(threshold):
             msg += f"; threshold {threshold:.2f}"
+        if self.error is not None:
+            msg = f"{self.error} {msg[0].upper()}{msg[1:]}"
+            metrics["kept"] = msg
         yield TrainEvent(kind, step, 0, total, monitor=mon, message=msg)
+        if self.error is not None:
+            raise TrainingError(msg)
 
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from napari_pupick.errors import PupickError, UsageError, WriteError
+from napari_pupick.errors import PupickError, TrainingError, UsageError, WriteError
 
 __all__ = ["main", "build_parser"]
 
@@ -424,9 +424,17 @@ def cmd_train(args) -> int:
                                       steps_per_epoch=args.steps, autoencoder=args.autoencoder,
                                       seed=args.seed, device=args.device).items() if v is not None}
     t0 = time.perf_counter()
-    ckpt = train_picker(images, names, labels, radius=args.radius, downsample=binning.factor, pixel_size=pixel_size,
-                        normalization=args.method, expected_particles=args.expected, negatives=negatives,
-                        init=init, tta=args.tta, progress=not args.quiet, log=print, **config)
+    try:
+        ckpt = train_picker(images, names, labels, radius=args.radius, downsample=binning.factor,
+                            pixel_size=pixel_size, normalization=args.method, expected_particles=args.expected,
+                            negatives=negatives, init=init, tta=args.tta, progress=not args.quiet, log=print,
+                            **config)
+    except TrainingError as exc:
+        if getattr(exc, "checkpoint", None) is None:
+            raise
+        exc.checkpoint.save(args.output)  # the last good weights, calibrated: better than nothing, but a failure
+        print(f"pupick train: error: {exc}; wrote those weights to {args.output}", file=sys.stderr)
+        return 1
     ckpt.save(args.output)
     m = ckpt.metrics or {}
     print(f"trained in {time.perf_counter() - t0:.1f} s; wrote {args.output}")

@@ -248,7 +248,8 @@ def train_picker(raw_images, names, labels, *, progress: bool = False, log=None,
     """Train to completion and return the kept :class:`~napari_pupick.training.Checkpoint`.
 
     Same arguments as :func:`training_run`; ``progress=True`` shows a tqdm bar; ``log`` (e.g. ``print``) receives
-    the messages that say what was estimated and which model was kept.
+    the messages that say what was estimated and which model was kept. A diverging training raises
+    :class:`~napari_pupick.errors.TrainingError` whose ``checkpoint`` is the last good weights (or None).
     """
     trainer = training_run(raw_images, names, labels, **kwargs)
     if log is not None:
@@ -275,6 +276,9 @@ def train_picker(raw_images, names, labels, *, progress: bool = False, log=None,
                 if bar is not None:
                     bar.clear()
                 log(event.message)
+    except TrainingError as exc:
+        exc.checkpoint = trainer.best
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -154,10 +154,15 @@ class JobsMixin:
                                margin=margin, seed=seed, **config)
         self._trainer = trainer
         total = 0
+        failure = None
         try:
             for ev in trainer.run():
                 total = ev.total_steps or total
                 yield LoopEvent("train", ev.step, ev.total_steps, ev.message, ev)
+        except TrainingError as exc:  # diverged: keep its last good weights (if any), then report the failure
+            if trainer.best is None:
+                raise
+            failure = exc
         finally:
             self._trainer = None
         best = trainer.best
@@ -172,6 +177,8 @@ class JobsMixin:
             message = "kept the model" + (f" (held-out AP {metrics['heldout_ap']:.3f})" if "heldout_ap" in metrics
                                           else "")
         yield LoopEvent("trained", total, total, message, best)
+        if failure is not None:
+            raise failure
 
     def _apply_train(self, event: LoopEvent) -> None:
         if event.data.kind == "start":
