@@ -7,7 +7,7 @@ Writes N synthetic 16-bit (uint16, MRC mode 6) micrographs into a temporary fold
 --keep): two made by napari_pupick.synthetic, the others shifted copies of them with fresh Poisson noise, so the
 folder is quick to make. The model is the general conv3 shipped with the package, binning by --bin (default 4,
 particle radius 48 px), no TTA, threshold 0. For 1 and 2 worker processes (LocalCluster, one thread each) it
-measures micrographs per second, each worker's peak resident memory (ru_maxrss), and the share of worker time
+measures micrographs per second, each worker's peak resident memory (VmHWM), and the share of worker time
 outside scoring (reading, binning and normalizing, extraction, and what the workers did not spend in a task:
 scheduling, transfers, waiting) plus the client's writing time. Then a run interrupted halfway (by the first
 micrograph after N/2 done) and resumed: how many micrographs the resume redid, and its time against a full run.
@@ -62,6 +62,16 @@ def make_model(path: Path, factor: int, radius: float) -> Path:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory, MB: VmHWM, the high-water mark of its own address space.
+
+    Not ``ru_maxrss``: Linux carries that across fork and exec, so a worker spawned by a client that had just made
+    the micrographs reports the client's peak (1407 MB here), not its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux

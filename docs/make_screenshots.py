@@ -1,13 +1,14 @@
 """Take the user guide's screenshots from a running napari viewer on the plugin's sample data.
 
-Every step is done the way a user does it: the widgets are docked through the plugin manifest and their buttons
-are pressed; the script only waits for each worker to finish before taking the picture.
+Every step is done the way a user does it: the Picking panel is docked through the plugin manifest in a 1920 x 1080
+window, its tabs are opened and their buttons pressed, with every setting left at its default; the script only
+waits for each worker to finish before taking the picture.
 
 Run from the repository root (starts its own Xvfb when there is no display)::
 
     .venv/bin/python docs/make_screenshots.py            # writes docs/images/*.png
 
-Options: ``--out FOLDER``, ``--epochs N``, ``--steps N``.
+Options: ``--out FOLDER``, ``--epochs N``, ``--steps N`` (default: the Train tab's own).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def start_xvfb() -> subprocess.Popen | None:
     for number in range(90, 110):
         if not Path(f"/tmp/.X{number}-lock").exists():
             break
-    proc = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "1920x1200x24", "-nolisten", "tcp"],
+    proc = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "1920x1080x24", "-nolisten", "tcp"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ["DISPLAY"] = f":{number}"
     time.sleep(1.0)
@@ -40,8 +41,8 @@ def start_xvfb() -> subprocess.Popen | None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "images"))
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,7 @@ def main(argv=None) -> None:
             xvfb.wait(timeout=10)
 
 
-def run(out: Path, epochs: int, steps: int) -> None:
+def run(out: Path, epochs: int | None, steps: int | None) -> None:
     import napari
     import numpy as np
     import torch
@@ -62,7 +63,7 @@ def run(out: Path, epochs: int, steps: int) -> None:
 
     torch.set_num_threads(1)
     viewer = napari.Viewer(show=True, title="napari-pupick")
-    viewer.window._qt_window.resize(1500, 960)
+    viewer.window._qt_window.resize(1920, 1080)
     viewer.theme = "dark"
     app = QApplication.instance()
 
@@ -82,56 +83,44 @@ def run(out: Path, epochs: int, steps: int) -> None:
         print(f"  {widget.job.description}: {time.perf_counter() - t0:.1f} s")
         settle()
 
-    docks = {}
-
-    def show(name: str):
-        for other in list(docks.values()):
-            viewer.window.remove_dock_widget(other)
-        docks.clear()
-        dock, widget = viewer.window.add_plugin_dock_widget("napari-pupick", name)
-        docks[name] = dock
-        settle()
-        return widget
-
     def shot(name: str) -> None:
         settle(0.6)
         viewer.screenshot(str(out / name), canvas_only=False, flash=False)
         print(f"wrote {out / name}")
 
     viewer.open_sample("napari-pupick", "synthetic")
-    viewer.dims.set_current_step(0, 0)
+    _, panel = viewer.window.add_plugin_dock_widget("napari-pupick", "Picking panel")
     settle()
 
-    # 1. preprocess
-    pre = show("1 Preprocess and label")
-    pre.downsample.value = 2
-    pre.method.value = "gmm"
+    # 1. preprocess: the particle radius (from the sample's labels), binning auto, GMM normalization
+    pre = panel.preprocess
+    panel.tabs.setCurrentWidget(pre)
     pre.run_button.native.click()
     wait(pre)
     shot("01_preprocess.png")
 
     # 2. label: the positives layer in add mode, zoomed in
-    pre.radius.value = 12
-    pre.expected.value = 60
     pre.label_button.native.click()
     viewer.scene.camera.center = (0, 256, 256)
     viewer.scene.camera.zoom = 1.6
     shot("02_label.png")
 
-    # 3. train with the widget's defaults
-    train = show("2 Train")
-    train.epochs.value, train.steps.value = epochs, steps
+    # 3. train with the tab's defaults
+    train = panel.train
+    panel.tabs.setCurrentWidget(train)
+    if epochs:
+        train.epochs.value = epochs
+    if steps:
+        train.steps.value = steps
     train.train_button.native.click()
     wait(train)
     shot("03_train.png")
 
-    # 4. predict every micrograph, threshold at the F2-optimal value
-    predict = show("3 Predict and inspect")
-    predict.margin.value = 12
+    # 4. score every micrograph; the threshold is the model's calibrated one
+    predict = panel.predict
+    panel.tabs.setCurrentWidget(predict)
     predict.all_button.native.click()
     wait(predict)
-    if predict.suggest_button.enabled:
-        predict.suggest_button.native.click()
     viewer.reset_view()
     shot("04_predict.png")
 
@@ -174,7 +163,8 @@ def run(out: Path, epochs: int, steps: int) -> None:
     viewer.layers["scores"].visible = True
 
     # 6. export
-    export = show("4 Export")
+    export = panel.export
+    panel.tabs.setCurrentWidget(export)
     target = Path(tempfile.mkdtemp(prefix="pupick_project_"))
     export.path.value = str(target / "picks.star")
     export.export_button.native.click()
