@@ -42,5 +42,6 @@ def test_open_micrographs_button(sample_viewer, synthetic_dir):
     layer = panel.preprocess.open_micrographs(synthetic_dir["folder"])
     assert layer is not None and layer.data.shape == (3, 128, 160)
     assert panel.loop.micrograph_layer is layer and panel.loop.names == ["synth_0", "synth_1", "synth_2"]
+    assert tuple(sample_viewer.dims.axis_labels) == ("micrograph", "y", "x")  # the slider says what it moves
     assert panel.micrographs.table.rowCount() == 3 or panel.micrographs.refresh() is None
     assert str(synthetic_dir["folder"]) in panel.preprocess.status.text().replace("\u200b", "")  # the whole path

@@ -56,12 +56,15 @@ def test_training_legend_speaks_plainly(sample_viewer):
 
     train = dock(sample_viewer, "2 Train")
     terms = {"loss": 0.5, "objective": 0.5, "positive": 0.3, "negative": 0.2, "unlabeled_mean_g": 0.05}
-    train.plot.plot_history([TrainEvent("step", s, 0, 10, losses=terms) for s in range(1, 4)], force=True)
+    steps = [TrainEvent("step", s, 0, 10, losses=terms) for s in range(1, 4)]
+    train.plot.plot_history(steps, force=True)
     text = train.plot.legend.text()
-    for name in ("total loss", "labelled particles", "rejected picks", "unlabelled: mean probability",
-                 "held-out AP"):
+    for name in ("total loss", "labelled particles", "rejected picks", "unlabelled: mean probability"):
         assert name.replace(" ", "&nbsp;") in text
     assert "objective" not in text and "unlabeled_mean_g" not in text  # no duplicate curve, no internal names
+    assert "held-out" not in text  # no held-out micrographs (the default): no AP curve, no AP legend entry
+    train.plot.plot_history(steps + [TrainEvent("epoch", 3, 1, 10, heldout_ap=0.5)], force=True)
+    assert "held-out&nbsp;AP" in train.plot.legend.text()  # held-out micrographs: their AP per epoch
     # the probability is drawn on the 0-1 axis, the losses on the log axis
     assert train.plot._lines["unlabeled_mean_g"].axes is train.plot.ax_ap
     assert train.plot._lines["loss"].axes is train.plot.ax

@@ -172,7 +172,7 @@ class JobsMixin:
             return
         metrics = best.metrics or {}
         if "threshold" in metrics:
-            message = metrics.get("kept", "kept the model") + f"; threshold {metrics['threshold']:.2f}"
+            message = f"training finished; calibrated threshold {metrics['threshold']:.2f}"
         else:
             message = "kept the model" + (f" (held-out AP {metrics['heldout_ap']:.3f})" if "heldout_ap" in metrics
                                           else "")

@@ -193,9 +193,20 @@ class Session:
         radius = (layer.metadata or {}).get("radius")
         if radius:
             self.radius = float(radius)
+        if new and n > 1:
+            self._label_axes()
         if new and hasattr(self, "set_plane"):
             self.set_plane(0)  # a stack opens on its first micrograph (napari shows the middle one)
         self._emit("micrographs")
+
+    def _label_axes(self) -> None:
+        """Name the stack's axes (micrograph, y, x) where napari's own numbered labels are still in place."""
+        dims = getattr(self.viewer, "dims", None)
+        if dims is None:
+            return
+        labels = [str(a) for a in dims.axis_labels]
+        if dims.ndim == 3 and all(a.lstrip("-").isdigit() for a in labels):
+            dims.axis_labels = ("micrograph", "y", "x")
 
     def _require_micrographs(self):
         if self.micrograph_layer is None:

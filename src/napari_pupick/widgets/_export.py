@@ -82,5 +82,6 @@ class ExportWidget(PupickWidget):
             self.status.setToolTip(str(path))
             from napari.utils.notifications import show_info
 
-            show_info(f"Exported {count} picks to\n{path}")  # the path on a line of its own: shown whole
+            # a notification shows its first line until expanded: the file name there, the whole path below
+            show_info(f"Exported {count} picks to {Path(path).name}\n{path}")
         return written

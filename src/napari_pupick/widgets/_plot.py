@@ -157,8 +157,9 @@ class TrainingPlot(PlotCanvas):
             self.draw_idle()
 
     def _update_legend(self) -> None:
-        items = [(CURVES[key], line.get_color()) for key, line in self._lines.items()] + [("held-out AP",
-                                                                                           "#7cfc00")]
+        items = [(CURVES[key], line.get_color()) for key, line in self._lines.items()]
+        if len(self._ap_line.get_xdata()):  # only when micrographs are held out (the count-calibrated run has none)
+            items.append(("held-out AP", "#7cfc00"))
         # no break inside an entry, a break allowed between entries
         self.legend.setText(" ".join(f"<span style='white-space:nowrap'><span style='color:{c}'>&#9632;</span>"
                                      f"&nbsp;{k.replace(' ', '&nbsp;')}&nbsp;&nbsp;</span>" for k, c in items))
@@ -217,7 +218,10 @@ class TrainingPlot(PlotCanvas):
         elif not force:
             return  # nothing to show yet: wait for the first step (one full redraw instead of two)
         epochs = [e for e in history if e.kind == "epoch" and e.heldout_ap is not None]
+        had_ap = len(self._ap_line.get_xdata()) > 0
         self._ap_line.set_data([e.step for e in epochs], [e.heldout_ap for e in epochs])
+        if had_ap != bool(epochs):
+            self._update_legend()
         if full or self._background is None:
             self.draw_idle()  # the draw event re-captures the background and draws the lines
         elif self.redraw_allowed():
