@@ -166,7 +166,7 @@ class Panner:
         self.timer.timeout.connect(self._pan)
 
     def _pan(self):
-        cam = self.viewer.camera
+        cam = self.viewer.scene.camera
         self.k += 1
         angle = 0.3 * self.k
         c = list(cam.center)
@@ -175,7 +175,7 @@ class Panner:
         cam.center = tuple(c)
 
     def start(self):
-        self.y0, self.x0 = self.viewer.camera.center[-2:]
+        self.y0, self.x0 = self.viewer.scene.camera.center[-2:]
         self.timer.start()
 
     def stop(self):

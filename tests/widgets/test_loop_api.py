@@ -62,6 +62,28 @@ def test_scripted_loop_on_a_viewer_model(model_viewer, tmp_path):
     assert events[-1].kind == "untrained" and "current model is kept" in events[-1].message
     assert loop.checkpoint is current
 
+    # scoring: the micrographs not shown reach the picks layer in batches, every one of them by the end
+    loop.picks_flush_interval = 1e9
+    model_viewer.dims.set_current_step(0, 0)
+    before = {p: int((np.rint(loop.picks_layer.data[:, 0]) == p).sum()) for p in range(4)}
+    scored = []
+    for event in loop.iter_predict():
+        loop.handle(event)
+        if event.kind == "scored":
+            scored.append(event.data["plane"])
+            if event.data["plane"] == 0:  # the micrograph shown: at once
+                assert loop._pending_picks == {}
+            elif event.data["plane"] in (1, 2):
+                assert set(loop._pending_picks) >= {event.data["plane"]}
+        if event.kind == "scored" and event.data["plane"] == 2:
+            break  # cancelled after three micrographs, before the closing event
+    assert scored == [0, 1, 2] and set(loop._pending_picks) == {1, 2}
+    loop.flush_picks()  # what the widget's job does when it ends, however it ends
+    planes = np.rint(loop.picks_layer.data[:, 0]).astype(int)
+    assert loop._pending_picks == {} and {0, 1, 2} <= set(planes)
+    assert int((planes == 3).sum()) == before[3]  # not rescored: its earlier picks stay
+    assert len(loop.picks_layer.features) == len(loop.picks_layer.data)
+
 
 def test_single_micrograph_layer(tiny_checkpoint):
     from napari.components import ViewerModel

@@ -3,6 +3,7 @@ thread workers; they touch no layer) and their blocking twins: preprocess, train
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -36,7 +37,8 @@ class JobsMixin:
         ------
         LoopEvent
             ``"progress"`` per plane read and normalized, then ``"preprocessed"`` with ``data = {"preprocessor",
-            "planes" (list of (h, w) float32), "mixture"}``.
+            "planes" (list of (h, w) float32), "stack" (the planes as one array; they are its views when stacked),
+            "mixture"}``.
         """
         from napari_pupick.preprocess import Preprocessor
 
@@ -87,8 +89,14 @@ class JobsMixin:
             lo, hi = np.percentile(sample, [0.1, 99.9])
             counts, edges = np.histogram(sample, bins=256, range=(lo, hi), density=True)
             mixture = ((edges[:-1] + edges[1:]) / 2, counts, None, None)
+        # the layer's array is made here, not on the main thread (19 x 1365 x 1365 float32: 140 MB to copy);
+        # the planes become views of it
+        stack = np.stack(planes) if data.ndim == 3 else planes[0]
+        if data.ndim == 3:
+            planes = list(stack)
         yield LoopEvent("preprocessed", total, total, f"normalized {n} micrograph(s) ({pre.method}, binned by "
-                        f"{pre.downsample})", {"preprocessor": pre, "planes": planes, "mixture": mixture})
+                        f"{pre.downsample})", {"preprocessor": pre, "planes": planes, "mixture": mixture,
+                                               "stack": stack})
 
     def preprocess(self, layer=None, downsample: int | str | None = None, method: str = "gmm", preprocessor=None):
         """Run :meth:`iter_preprocess` to completion here; returns the normalized Image layer."""
@@ -263,14 +271,31 @@ class JobsMixin:
                              "prepared": prepared if plane not in cache else None})
         yield LoopEvent("predicted", n, n, f"scored {n} micrograph(s)")
 
+    #: While scoring, the picks of the micrographs not shown reach the picks layer at most this often (s), and
+    #: at the end: each update of a Points layer costs 40-100 ms on the main thread, whatever the number of
+    #: micrographs it adds. The micrograph shown gets its picks at once (and a micrograph the user moves to
+    #: meanwhile, with the next one scored).
+    picks_flush_interval = 5.0
+
     def _apply_scored(self, event: LoopEvent) -> None:
         d = event.data
         plane, logits, factor = d["plane"], d["logits"], d["factor"]
         self.scores[plane] = logits
         self._show_scores(plane, logits, factor)
-        self._set_plane_picks(plane, d["picks"])
+        self._pending_picks[plane] = d["picks"]
+        shown = self.current_plane()
+        if shown in self._pending_picks or time.perf_counter() - self._picks_flushed > self.picks_flush_interval:
+            self.flush_picks()
+
+    def flush_picks(self) -> None:
+        """Put the picks of the micrographs scored since the last update into the picks layer (one update)."""
+        pending, self._pending_picks = self._pending_picks, {}
+        self._picks_flushed = time.perf_counter()
+        if pending:
+            self._set_planes_picks(pending)
 
     def _apply_predicted(self, event: LoopEvent) -> None:
+        self.flush_picks()
         self._emit("picks")
 
     def predict(self, planes=None, **kwargs) -> pd.DataFrame:

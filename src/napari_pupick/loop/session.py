@@ -80,6 +80,8 @@ class Session:
         self._trainer = None
         self._quiet = 0
         self._pending_add = 0
+        self._pending_picks: dict = {}  # scored planes whose picks are not in the layer yet (flush_picks)
+        self._picks_flushed = 0.0
         self._undo: list[dict] = []  # undo steps: snapshots of the layers a correction changed
         self._redo: list[dict] = []
         self._open_step: dict | None = None
@@ -183,6 +185,7 @@ class Session:
         new = self.micrograph_layer is not layer
         if new:
             self.prepared, self.scores, self.preprocessor, self.mixture = {}, {}, None, None
+            self._pending_picks = {}
             if self.micrograph_layer is not None:  # the old micrographs' layers stay, no longer the session's
                 self.positives_layer = self.negatives_layer = self.picks_layer = self.scores_layer = None
                 self.normalized_layer = None

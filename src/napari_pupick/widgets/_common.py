@@ -45,6 +45,16 @@ def warm_up():
                              particle_radius=4, expected_particles=2, device="cpu", threads=1, warmup=1)
         for _ in Trainer(images, ["a", "b"], labels, config, holdout=["b"]).run():
             pass
+        # and the calibration after round 1 (scipy.stats and scipy.optimize are first imported there: a 0.4 s
+        # stall of the viewer 9 s into the first training, bench_gui.py --session)
+        from napari_pupick.calibration import calibrate
+        from napari_pupick.extract import nms
+
+        nms(rng.standard_normal((48, 48)).astype(np.float32), 4.0, threshold=-6.0)
+        xy = rng.uniform(0, 48, (60, 2))
+        candidates = pd.DataFrame({"micrograph": "a", "x": np.r_[20.0, xy[:, 0]], "y": np.r_[20.0, xy[:, 1]],
+                                   "score": np.r_[3.0, rng.normal(-2.0, 1.0, 60)]})
+        calibrate(candidates, labels.iloc[:1], None, 4.0, 1)
 
     _WARM_UP = threading.Thread(target=_run, name="pupick-warm-up", daemon=True)
     _WARM_UP.start()
@@ -187,6 +197,12 @@ class Job:
                 self._pbar.set_description(f"{self.description}: {event.message}"[:70])
             self._pbar.refresh()
 
+    def report_flush(self, flush) -> None:
+        try:
+            flush()
+        except Exception as exc:  # e.g. the picks layer was deleted meanwhile
+            self._errored(exc)
+
     def _errored(self, exc: BaseException) -> None:
         from napari.utils.notifications import show_error
 
@@ -202,6 +218,9 @@ class Job:
         if self.done:
             return
         self.done = True
+        flush = getattr(self.owner.loop, "flush_picks", None)
+        if flush is not None:  # a scoring job cancelled or failed midway: what it scored still shows
+            self.report_flush(flush)
         if self._pbar is not None:
             self._pbar.close()
         self.owner.set_busy(False)

@@ -19,6 +19,11 @@ class PredictWidget(PupickWidget):
     only changes which are shown. Deleting picks records them as negatives, adding a point adds a positive.
     """
 
+    #: Scoring a day's micrographs takes a while: its progress stays in this widget (napari's animated activity
+    #: bar repaints the window with every update: 16-19 event-loop gaps over 100 ms in a Score all of 19
+    #: micrographs against 4-6 without it, bench_gui.py --session).
+    napari_progress = False
+
     def __init__(self, napari_viewer):
         super().__init__(napari_viewer)
         self.current_button = PushButton(text="Score this micrograph")
