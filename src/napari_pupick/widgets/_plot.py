@@ -70,7 +70,9 @@ class MixturePlot(PlotCanvas):
         self._style(ax)
         centres = np.asarray(centres)
         width = float(centres[1] - centres[0]) if len(centres) > 1 else 1.0
-        ax.bar(centres, density, width=width, color="#8a93a0", alpha=0.8, linewidth=0, label="pixels")
+        edges = np.r_[centres - width / 2, centres[-1:] + width / 2]
+        # one filled step outline, not 256 bar patches (those took 0.5 s of the main thread to make and draw)
+        ax.stairs(density, edges, fill=True, color="#8a93a0", alpha=0.8, linewidth=0, label="pixels")
         if pdf0 is not None and pdf1 is not None:
             ax.plot(centres, pdf0, color=_COLORS[1], lw=1.2, label="component 0")
             ax.plot(centres, pdf1, color=_COLORS[2], lw=1.2, label="component 1")
