@@ -217,7 +217,7 @@ def _gaps_while(app, viewer, action, seconds: float = 1.5) -> dict:
     return {"call_ms": round(took * 1000, 1), **gap_stats(ticks.stop())}
 
 
-def bench_session(app, n_labels: int = 100, seed: int = 0) -> dict:
+def bench_session(app, n_labels: int = 100, seed: int = 0, screenshot: str | None = None) -> dict:
     """The loop on the 19 apoferritin micrographs in a 1920 x 1080 window with the Picking panel docked."""
     import sys
 
@@ -254,6 +254,9 @@ def bench_session(app, n_labels: int = 100, seed: int = 0) -> dict:
     panel.tabs.setCurrentWidget(predict)
     out["score_all"] = _run_step(app, viewer, predict, predict.all_button.native.click)
     out["candidates"] = int(len(loop.all_scores()))
+    if screenshot:  # what the user sees after Score all (the picks at the model's threshold)
+        pump(app, 0.5)
+        viewer.screenshot(screenshot, canvas_only=False, flash=False)
     out["reextract"] = _gaps_while(app, viewer, lambda: setattr(predict.margin, "value",
                                                                 float(predict.margin.value) + 10.0))
     # micrograph change with picks and heatmap shown: the dims step and the repaint it causes
@@ -329,6 +332,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--session", action="store_true",
                         help="the loop on the apoferritin set with the Picking panel at 1920 x 1080 (needs the data)")
+    parser.add_argument("--screenshot", help="--session: also save the window after Score all here (PNG)")
     args = parser.parse_args(argv)
     xvfb = start_xvfb()
     if args.session:
@@ -400,7 +404,7 @@ def session_main(args) -> dict:
     app = QApplication.instance()
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "torch": torch.__version__, "napari": napari.__version__}
-    r = results["session"] = bench_session(app)
+    r = results["session"] = bench_session(app, screenshot=args.screenshot)
     print(f"{r['micrographs']} micrographs, {r['labels']} labels, radius {r['radius']} px, binning {r['binning']}, "
           f"window {r['window'][0]} x {r['window'][1]}; {r['candidates']:,} candidates")
     for step in ("preprocess", "train", "score_all", "reextract"):

@@ -38,6 +38,15 @@ def test_readouts_stay_current(picked, tmp_path):
     assert "square" not in set(np.asarray(loop.picks_layer.symbol).astype(str))
     # the binned micrographs are shown smooth, not blocky
     assert str(loop.normalized_layer.interpolation2d) == "linear"
+    # the edge margin field and the line under it follow the model's margin (a label at the border: 0 px)
+    import dataclasses
+
+    ck = dataclasses.replace(loop.checkpoint, metrics={**(loop.checkpoint.metrics or {}), "margin": 0.0})
+    loop.set_model(ck)
+    assert predict.margin.value == 0.0 and "edge margin 0 px" in predict.units.text()
+    ck = dataclasses.replace(ck, metrics={**ck.metrics, "margin": 7.0})
+    loop.set_model(ck)
+    assert predict.margin.value == 7.0 and "edge margin 7 px" in predict.units.text()
 
 
 def test_mixture_in_normalized_units():

@@ -175,10 +175,14 @@ class PredictWidget(PupickWidget):
     # -- views ---------------------------------------------------------------------------------------------------
 
     def _micrographs_changed(self, loop) -> None:
-        """The NMS radius follows the particle radius until set here."""
+        """The NMS radius and the edge margin follow the particle radius (and the model) until set here."""
         if loop.nms_radius is None:
             with self.nms_radius.changed.blocked():
                 self.nms_radius.value = loop.radius
+        if loop.margin is None:
+            with self.margin.changed.blocked():
+                self.margin.value = loop.effective_margin()
+        self._show_units()
 
     def _model_changed(self, loop) -> None:
         t = loop.suggested_threshold
@@ -189,6 +193,7 @@ class PredictWidget(PupickWidget):
         if loop.margin is None:
             with self.margin.changed.blocked():
                 self.margin.value = loop.effective_margin()
+        self._show_units()  # the line under the fields says what they hold now
         self._show_threshold(loop.threshold)
         self.plot.set_threshold(loop.threshold)
 
