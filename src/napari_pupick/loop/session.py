@@ -362,9 +362,22 @@ class Session:
         return table
 
     def picks_per_micrograph(self) -> pd.Series:
-        """Number of picks at or above the threshold on each micrograph (all micrographs, 0 included)."""
-        counts = self.picks_table()["micrograph"].value_counts()
-        return pd.Series([int(counts.get(n, 0)) for n in self.names], index=self.names, name="picks")
+        """Number of picks at or above the threshold on each micrograph (all micrographs, 0 included).
+
+        Counted from the layer's plane column and scores (no pick table: the Export tab asks on every threshold
+        move, and a table of 100,000 picks took 20 ms to build)."""
+        n = len(self.names)
+        layer = self.picks_layer
+        counts = np.zeros(n, int)
+        if self._alive(layer) and len(layer.data):
+            keep = layer.features["score"].to_numpy(float) >= self.threshold
+            if self.stacked:
+                plane = np.rint(np.asarray(layer.data)[keep, 0]).astype(int)
+                plane = plane[(plane >= 0) & (plane < n)]
+                counts = np.bincount(plane, minlength=n)[:n]
+            else:
+                counts[0] = int(keep.sum())
+        return pd.Series(counts.astype(int), index=list(self.names), name="picks")
 
     def export(self, path, format: str | None = None, per_micrograph: bool = False, suffix: str = "",
                reviewed_only: bool = False):
