@@ -83,6 +83,11 @@ def test_scripted_loop_on_a_viewer_model(model_viewer, tmp_path):
     assert loop._pending_picks == {} and {0, 1, 2} <= set(planes)
     assert int((planes == 3).sum()) == before[3]  # not rescored: its earlier picks stay
     assert len(loop.picks_layer.features) == len(loop.picks_layer.data)
+    # re-extraction from the cached scores (headless: the same generator the Pick tab runs in a worker)
+    n = len(loop.picks_layer.data)
+    loop.reextract(margin=60.0)
+    yx = np.asarray(loop.picks_layer.data)[:, 1:]
+    assert 0 < len(yx) < n and yx.min() >= 60.0 - 2 and yx.max() <= 511 - 60.0 + 2
 
 
 def test_single_micrograph_layer(tiny_checkpoint):

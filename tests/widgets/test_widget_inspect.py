@@ -101,10 +101,14 @@ def test_nms_radius_and_margin_reextract_without_scoring(picked, qtbot):
     maps = {k: v.copy() for k, v in loop.scores.items()}
     n0 = len(loop.picks_layer.data)
     predict.margin.value = 60.0
+    qtbot.waitUntil(lambda: predict.job is not None and predict.job.done, timeout=30000)  # a worker re-extracts
+    assert predict.job.error is None and predict.job.description == "Re-extract picks"
     data = np.asarray(loop.picks_layer.data)
     assert len(data) < n0
     assert data[:, 1:].min() >= 60.0 - 2 and data[:, 1:].max() <= 511 - 60.0 + 2
+    job = predict.job
     predict.nms_radius.value = 30.0
+    qtbot.waitUntil(lambda: predict.job is not job and predict.job.done, timeout=30000)
     assert len(loop.picks_layer.data) < len(data)
     assert all(np.array_equal(maps[k], loop.scores[k]) for k in maps)
 

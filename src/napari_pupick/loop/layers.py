@@ -241,18 +241,35 @@ class LayersMixin:
     def reextract(self, radius: float | None = None, margin: float | None = None) -> None:
         """Extract the picks again from the cached score maps with a new NMS radius and/or edge margin
         (original pixels), without scoring again."""
+        events = self.iter_reextract(radius, margin)
+        for event in events:
+            self.handle(event)
+
+    def iter_reextract(self, radius: float | None = None, margin: float | None = None):
+        """:meth:`reextract` as a generator for a thread worker: the extraction runs there, the picks layer is
+        updated once on the main thread (``"reextracted"``, ``data``: ``{plane: picks}``)."""
         if radius is not None:
             self.nms_radius = float(radius)
         if margin is not None:
             self.margin = float(margin)
-        if not self.scores:
-            return
-        from napari_pupick.extract import extract_picks
-
         s = int(self.scores_layer.metadata.get("downsample", self.factor)) if self._alive(self.scores_layer) \
             else self.factor
-        tables = {plane: extract_picks(logits, self._nms_radius() / s, threshold=NMS_THRESHOLD,
-                                       margin=self.effective_margin() / s, factor=s, micrograph=self.names[plane])
-                  for plane, logits in sorted(self.scores.items())}
-        self._set_planes_picks(tables)  # one layer update for every plane
-        self._emit("picks")
+        return self._reextract_gen(dict(sorted(self.scores.items())), s, self._nms_radius() / s,
+                                   self.effective_margin() / s, list(self.names))
+
+    @staticmethod
+    def _reextract_gen(scores: dict, s: int, radius: float, margin: float, names: list):
+        from napari_pupick.extract import extract_picks
+
+        n = len(scores)
+        tables = {}
+        for k, (plane, logits) in enumerate(scores.items()):
+            tables[plane] = extract_picks(logits, radius, threshold=NMS_THRESHOLD, margin=margin, factor=s,
+                                          micrograph=names[plane])
+            yield LoopEvent("progress", k + 1, n, f"re-extracted {k + 1}/{n}")
+        yield LoopEvent("reextracted", n, n, f"re-extracted the picks of {n} micrograph(s)", tables)
+
+    def _apply_reextracted(self, event: LoopEvent) -> None:
+        if event.data:
+            self._set_planes_picks(event.data)  # one layer update for every plane
+            self._emit("picks")

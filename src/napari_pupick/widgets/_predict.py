@@ -155,9 +155,10 @@ class PredictWidget(PupickWidget):
         self._update_counts()
 
     def _extraction_changed(self, *_):
+        """A new NMS radius or margin: extract the picks again from the cached scores, in a worker."""
         radius, margin = float(self.nms_radius.value), float(self.margin.value)
         if self.loop.scores:
-            self.report(lambda: self.loop.reextract(radius or None, margin), "Re-extract picks")
+            self.start_job(lambda: self.loop.iter_reextract(radius or None, margin), "Re-extract picks")
         else:
             self.loop.nms_radius, self.loop.margin = radius or None, margin
 
