@@ -63,9 +63,7 @@ class LayersMixin:
         self.mixture = event.data.get("mixture")
         self.prepared = {i: p for i, p in enumerate(planes)}
         self.scores = {}
-        stack = event.data.get("stack")
-        if stack is None:
-            stack = np.stack(planes) if self.stacked else planes[0]
+        stack = event.data["stack"]  # made in the worker
         name = f"{self.micrograph_layer.name} (normalized)"
         meta = {"normalized_from": self.micrograph_layer.name, "downsample": int(pre.downsample),
                 "preprocess": pre.to_dict()}
@@ -241,9 +239,7 @@ class LayersMixin:
     def reextract(self, radius: float | None = None, margin: float | None = None) -> None:
         """Extract the picks again from the cached score maps with a new NMS radius and/or edge margin
         (original pixels), without scoring again."""
-        events = self.iter_reextract(radius, margin)
-        for event in events:
-            self.handle(event)
+        self._drive(self.iter_reextract(radius, margin))
 
     def iter_reextract(self, radius: float | None = None, margin: float | None = None):
         """:meth:`reextract` as a generator for a thread worker: the extraction runs there, the picks layer is

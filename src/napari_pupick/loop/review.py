@@ -36,15 +36,6 @@ class ReviewMixin:
             self.reviewed.discard(str(name))
         self._emit("review")
 
-    def _plane_scores(self):
-        """(plane index, score) of every candidate in the picks layer."""
-        layer = self.picks_layer
-        if not self._alive(layer) or not len(layer.data):
-            return np.zeros(0, int), np.zeros(0)
-        data = np.asarray(layer.data)
-        plane = np.rint(data[:, 0]).astype(int) if self.stacked else np.zeros(len(data), int)
-        return plane, layer.features["score"].to_numpy(float)
-
     def micrograph_table(self) -> pd.DataFrame:
         """One row per micrograph: ``micrograph, plane, labels, rejected, picks`` (at the threshold), ``scored``,
         ``uncertainty`` (share of the candidates at or above ``threshold - 1`` that lie within 1 logit of the

@@ -361,22 +361,24 @@ class Session:
             table = table[table["score"].to_numpy() >= self.threshold].reset_index(drop=True)
         return table
 
+    def _plane_scores(self):
+        """(plane index, score) of every candidate in the picks layer."""
+        layer = self.picks_layer
+        if not self._alive(layer) or not len(layer.data):
+            return np.zeros(0, int), np.zeros(0)
+        data = np.asarray(layer.data)
+        plane = np.rint(data[:, 0]).astype(int) if self.stacked else np.zeros(len(data), int)
+        return plane, layer.features["score"].to_numpy(float)
+
     def picks_per_micrograph(self) -> pd.Series:
         """Number of picks at or above the threshold on each micrograph (all micrographs, 0 included).
 
         Counted from the layer's plane column and scores (no pick table: the Export tab asks on every threshold
         move, and a table of 100,000 picks took 20 ms to build)."""
         n = len(self.names)
-        layer = self.picks_layer
-        counts = np.zeros(n, int)
-        if self._alive(layer) and len(layer.data):
-            keep = layer.features["score"].to_numpy(float) >= self.threshold
-            if self.stacked:
-                plane = np.rint(np.asarray(layer.data)[keep, 0]).astype(int)
-                plane = plane[(plane >= 0) & (plane < n)]
-                counts = np.bincount(plane, minlength=n)[:n]
-            else:
-                counts[0] = int(keep.sum())
+        plane, score = self._plane_scores()
+        plane = plane[(score >= self.threshold) & (plane >= 0) & (plane < n)]
+        counts = np.bincount(plane, minlength=n)[:n]
         return pd.Series(counts.astype(int), index=list(self.names), name="picks")
 
     def export(self, path, format: str | None = None, per_micrograph: bool = False, suffix: str = "",

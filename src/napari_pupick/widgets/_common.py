@@ -197,12 +197,6 @@ class Job:
                 self._pbar.set_description(f"{self.description}: {event.message}"[:70])
             self._pbar.refresh()
 
-    def report_flush(self, flush) -> None:
-        try:
-            flush()
-        except Exception as exc:  # e.g. the picks layer was deleted meanwhile
-            self._errored(exc)
-
     def _errored(self, exc: BaseException) -> None:
         from napari.utils.notifications import show_error
 
@@ -218,9 +212,10 @@ class Job:
         if self.done:
             return
         self.done = True
-        flush = getattr(self.owner.loop, "flush_picks", None)
-        if flush is not None:  # a scoring job cancelled or failed midway: what it scored still shows
-            self.report_flush(flush)
+        try:  # a scoring job cancelled or failed midway: what it scored still shows
+            self.owner.loop.flush_picks()
+        except Exception as exc:  # e.g. the picks layer was deleted meanwhile
+            self._errored(exc)
         if self._pbar is not None:
             self._pbar.close()
         self.owner.set_busy(False)
